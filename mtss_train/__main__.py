@@ -1,0 +1,1 @@
+import mtss_train.tasks.foo as f; print("ok", f.__file__)

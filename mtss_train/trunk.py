@@ -1,0 +1,119 @@
+"""The shared trunk: tf-slim ResNet-v2-101 through block3 [1, 2].
+
+The released multi-task model (Doersch & Zisserman, ICCV 2017) trains slim's
+`resnet_v2_101` only through block3 and uses `end_points['resnet_v2_101/block3']` as the
+representation. This module builds exactly those layers, with slim's own building blocks,
+under the variable scope `resnet_v2_101`, so variable names match slim's and the released
+checkpoint's one for one.
+
+Unlike `resnet_v2.resnet_v2`, it stops after block3 without appending the `postnorm`
+BatchNorm: slim would give a block3-only stack a 1024-channel `resnet_v2_101/postnorm`,
+which clashes with the 2048-channel one of the full network when a checkpoint is restored
+the released README's way.
+
+Usage (TF1 graph or inside `mtss_train.slim_layer.SlimLayer`):
+
+    with slim.arg_scope(trunk_arg_scope()):
+        block3, end_points = resnet_v2_101_block3(vgg_preprocess(images), is_training=True)
+
+[1] He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016.
+[2] He, Zhang, Ren, Sun. Identity Mappings in Deep Residual Networks. ECCV 2016.
+"""
+
+from typing import Sequence
+
+from tf_slim.nets import resnet_utils, resnet_v2
+
+from mtss_train.compat import slim, tf
+
+TRUNK_SCOPE = "resnet_v2_101"
+REPRESENTATION = TRUNK_SCOPE + "/block3"
+# Scopes the full slim resnet_v2_101 has and this trunk never creates; exclude them when
+# loading mtss weights into a full ResNet (and when warm-starting from a full one).
+NOT_IN_TRUNK = (TRUNK_SCOPE + "/block4", TRUNK_SCOPE + "/postnorm", TRUNK_SCOPE + "/logits")
+# Scopes whose variables make up the trunk; a restore that misses any of them is broken.
+TRUNK_SCOPES = tuple(f"{TRUNK_SCOPE}/{s}/" for s in ("conv1", "block1", "block2", "block3"))
+VGG_MEAN_RGB = (123.68, 116.779, 103.939)
+
+# (scope, base depth, units) of ResNet-v2-101 blocks 1-3; each halves resolution at its end.
+_BLOCKS = {
+    "101": (("block1", 64, 3), ("block2", 128, 4), ("block3", 256, 23)),
+    # Same code path and scope names, ~1% of the compute: for tests and smoke runs.
+    "tiny": (("block1", 8, 1), ("block2", 16, 1), ("block3", 32, 2)),
+}
+TRUNK_SIZES = tuple(_BLOCKS)
+
+
+def trunk_blocks(size: str = "101") -> list[resnet_utils.Block]:
+    """The slim block specs of the trunk: `size` is '101' (the real one) or 'tiny'."""
+    if size not in _BLOCKS:
+        raise ValueError(f"unknown trunk size {size!r}; expected one of {TRUNK_SIZES}")
+    return [
+        resnet_v2.resnet_v2_block(scope, base_depth=depth, num_units=units, stride=2)
+        for scope, depth, units in _BLOCKS[size]
+    ]
+
+
+def trunk_arg_scope(weight_decay: float = 1e-4, batch_norm_decay: float = 0.997) -> dict:
+    """slim's ResNet arg_scope with the settings of the released model (eps 1e-5, BN scale)."""
+    return resnet_utils.resnet_arg_scope(
+        weight_decay=weight_decay,
+        batch_norm_decay=batch_norm_decay,
+        batch_norm_epsilon=1e-5,
+        batch_norm_scale=True,
+    )
+
+
+def vgg_preprocess(images: tf.Tensor) -> tf.Tensor:
+    """RGB images in [0, 255], any numeric dtype -> float32 minus the ImageNet mean."""
+    return tf.cast(images, tf.float32) - tf.constant(VGG_MEAN_RGB, tf.float32)
+
+
+def resnet_v2_101_block3(
+    inputs: tf.Tensor,
+    is_training: bool,
+    output_stride: int | None = None,
+    blocks: Sequence[resnet_utils.Block] | None = None,
+    scope: str = TRUNK_SCOPE,
+) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """ResNet-v2-101 from the root block through block3, as slim names and builds it.
+
+    Args:
+      inputs: [batch, height, width, 3] VGG-preprocessed images (see `vgg_preprocess`).
+      is_training: Python bool; BatchNorm uses batch statistics and updates its moving
+        averages when True.
+      output_stride: None for the nominal stride 32 at block3; 8 or 16 for atrous
+        (dilated) block3 features with the same variables, for dense heads.
+      blocks: block specs, `trunk_blocks('101')` by default.
+      scope: variable scope; keep the default for checkpoint compatibility.
+
+    Returns:
+      block3: [batch, ceil(height/s), ceil(width/s), 4 * block3 base depth] (1024 for
+        the real trunk), s = output_stride or 32.
+      end_points: slim end points keyed by full name, e.g. 'resnet_v2_101/block3'.
+
+    Raises:
+      ValueError: if output_stride is not a multiple of 4 or not reachable.
+    """
+    blocks = trunk_blocks("101") if blocks is None else blocks
+    block_stride = None
+    if output_stride is not None:
+        if output_stride % 4 != 0:
+            raise ValueError(f"output_stride must be a multiple of 4, got {output_stride}")
+        block_stride = output_stride // 4  # The root block (conv1 + pool1) has stride 4.
+    with tf.compat.v1.variable_scope(scope, values=[inputs]) as sc:
+        end_points_collection = sc.original_name_scope + "_end_points"
+        with slim.arg_scope(
+            [slim.conv2d, resnet_v2.bottleneck, resnet_utils.stack_blocks_dense],
+            outputs_collections=end_points_collection,
+        ), slim.arg_scope([slim.batch_norm], is_training=is_training):
+            # No BN or ReLU in conv1: the first pre-activation unit applies them ([2], app.).
+            with slim.arg_scope([slim.conv2d], activation_fn=None, normalizer_fn=None):
+                net = resnet_utils.conv2d_same(inputs, 64, 7, stride=2, scope="conv1")
+            net = slim.max_pool2d(net, [3, 3], stride=2, scope="pool1")
+            net = resnet_utils.stack_blocks_dense(net, blocks, block_stride)
+        end_points = slim.utils.convert_collection_to_dict(end_points_collection)
+        if tf.executing_eagerly():
+            # Eager calls all share one global graph, whose collection would grow forever.
+            tf.compat.v1.get_default_graph().clear_collection(end_points_collection)
+    return net, end_points

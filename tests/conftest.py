@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny trunk (same code path as the real one) and a CLI runner."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mtss_train import loader
+
+
+def run_cli(*args: str, cwd: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m ARGS...` in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A failed CLI run ends with one `error: ...` line naming `fragments`, no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture(scope="session")
+def tiny_trunk():
+    return loader.trunk_layer("tiny")
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    """Two deterministic RGB images in [0, 255]."""
+    return np.random.RandomState(0).uniform(0, 255, [2, 64, 64, 3]).astype(np.float32)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from mtss_train import checkpoints, ckpt
+from conftest import assert_one_line_error, run_cli
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_trunk):
+    values = dict(tiny_trunk.variables_by_name())
+    values["rp_head/fc8/weights"] = np.zeros([4, 8], np.float32)
+    return checkpoints.save(str(tmp_path / "run"), values, step=5)
+
+
+def test_ls_lists_names_dtypes_shapes_and_totals(tiny_checkpoint):
+    listing = ckpt.list_checkpoint(tiny_checkpoint)
+    assert "resnet_v2_101/conv1/weights" in listing
+    line = next(l for l in listing.splitlines() if l.startswith("rp_head/fc8/weights"))
+    assert line.split()[1:] == ["float32", "[4,", "8]"]
+    assert f"73 tensors in {tiny_checkpoint}" in listing
+    assert "  rp_head: 32 values" in listing
+
+
+def test_diff_against_the_trunk_it_was_made_from(tiny_checkpoint):
+    report = ckpt.diff_specs(
+        checkpoints.read_specs(tiny_checkpoint), ckpt.trunk_specs("tiny"), "A", "trunk"
+    )
+    assert "72 identical names/shapes/dtypes" in report
+    assert "1 only in A:\n  rp_head/..." in report
+    assert "0 only in B" in report and "suggested" not in report
+
+
+def test_diff_suggests_excludes_for_shape_mismatches():
+    spec = checkpoints.TensorSpec
+    left = {"net/a/w": spec((1,), "float32"), "net/b/w": spec((2,), "float32"),
+            "net/b/v": spec((3,), "float32"), "head/w": spec((1,), "float32")}
+    right = {"net/a/w": spec((1,), "float32"), "net/b/w": spec((5,), "float32"),
+             "net/b/v": spec((4,), "float32"), "other/w": spec((1,), "float32")}
+    report = ckpt.diff_specs(left, right, "A", "B")
+    assert "net/b/w: A float32[2] vs B float32[5]" in report
+    assert report.splitlines()[-1] == "suggested: --exclude_scopes=net/b"
+
+
+def test_cli_ls_and_diff_run_as_commands(tiny_checkpoint, tmp_path):
+    result = run_cli("mtss_train.ckpt", "ls", str(tmp_path / "run"), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "resnet_v2_101/block3/unit_2/bottleneck_v2/conv3/weights" in result.stdout
+    result = run_cli("mtss_train.ckpt", "diff", tiny_checkpoint, "--against", "trunk",
+                     "--trunk_size", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert "1 only in A:" in result.stdout
+
+
+def make_bad_checkpoint_path(kind, directory):
+    if kind == "nonexistent":
+        return directory / "missing.ckpt"
+    if kind == "empty-dir":
+        return directory
+    if kind == "not-a-checkpoint":
+        (directory / "notes.txt").write_text("not a checkpoint")
+        return directory / "notes.txt"
+    prefix = checkpoints.save(str(directory), {"x": np.zeros([4096], np.float32)}, 5)
+    with open(prefix + ".data-00000-of-00001", "r+b") as f:
+        f.truncate(100)
+    return prefix
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("nonexistent", "does not exist"),
+        ("empty-dir", "no checkpoint in directory"),
+        ("truncated-data", "corrupt or truncated"),
+        ("not-a-checkpoint", "is not a checkpoint"),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(tmp_path, kind, fragment):
+    path = make_bad_checkpoint_path(kind, tmp_path)
+    assert_one_line_error(run_cli("mtss_train.ckpt", "ls", str(path)), fragment, str(path))
+
+
+def test_cli_usage_error():
+    assert_one_line_error(run_cli("mtss_train.ckpt", "frobnicate"), "usage:")
