@@ -1,1 +1,1 @@
-
+"""Input readers and the embedded sample data (installed as `mtss_train.data`)."""

@@ -1,0 +1,70 @@
+"""Name -> class registries, plus loading third-party tasks by import path or entry point."""
+
+import importlib
+import inspect
+from importlib import metadata
+from typing import Callable, Generic, TypeVar
+
+from mtss_train.errors import MtssError
+
+T = TypeVar("T")
+
+ENTRY_POINT_GROUP = "mtss_train.tasks"
+
+
+class Registry(Generic[T]):
+    """Maps names to registered objects; duplicates and unknown names are errors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._sites: dict[str, str] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(item: T) -> T:
+            site = _definition_site(item)
+            if name in self._items and self._sites[name] != site:
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered by {self._sites[name]}"
+                )
+            self._items[name] = item
+            self._sites[name] = site
+            return item
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise MtssError(
+                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} "
+                "(or pass module.path:ClassName)"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+
+def _definition_site(item: object) -> str:
+    try:
+        return f"{inspect.getsourcefile(item)}:{inspect.getsourcelines(item)[1]}"
+    except (TypeError, OSError):
+        return repr(item)
+
+
+def load_entry_points(registry: Registry, group: str = ENTRY_POINT_GROUP) -> None:
+    """Imports installed plugins (`[project.entry-points."mtss_train.tasks"]`)."""
+    for entry_point in metadata.entry_points(group=group):
+        registry.register(entry_point.name)(entry_point.load())
+
+
+def load_by_path(spec: str) -> object:
+    """Imports `package.module:Attribute`."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise MtssError(f"cannot import {module_name!r} for {spec!r}: {e}") from None
+    if not hasattr(module, attribute):
+        raise MtssError(f"module {module_name!r} has no attribute {attribute!r} (from {spec!r})")
+    return getattr(module, attribute)

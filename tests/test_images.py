@@ -1,0 +1,95 @@
+"""Image input: directories and TFRecords, bad files skipped and counted, clear errors."""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from mtss_train.compat import tf
+from mtss_train.data import sample
+from mtss_train.data.images import TFRECORD_IMAGE_KEY, find_sources, image_source
+from mtss_train.errors import DataError
+
+
+def write_photo(path: str, image: np.ndarray) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def take_shapes(source, count: int) -> list[tuple]:
+    return [tuple(image.shape) for image in source.dataset(seed=0).take(count)]
+
+
+def test_embedded_sample_is_real_photos():
+    paths = sample.sample_photo_paths()
+    assert len(paths) >= 12
+    source = image_source(None, min_side=32)
+    shapes = take_shapes(source, len(paths))
+    assert all(len(s) == 3 and s[2] == 3 and min(s[:2]) >= 256 for s in shapes)
+    assert source.skipped.count == 0
+
+
+def test_directory_is_searched_recursively(tmp_path):
+    write_photo(str(tmp_path / "a" / "b" / "cat.PNG"), skimage.data.chelsea())
+    write_photo(str(tmp_path / "coffee.jpeg"), skimage.data.coffee())
+    (tmp_path / "notes.txt").write_text("not an image")
+    kind, paths = find_sources(str(tmp_path))
+    assert kind == "files" and [os.path.basename(p) for p in paths] == ["cat.PNG", "coffee.jpeg"]
+    assert sorted(take_shapes(image_source(str(tmp_path), 32), 2)) == [(300, 451, 3), (400, 600, 3)]
+
+
+def test_corrupt_truncated_and_tiny_images_are_skipped_and_counted(tmp_path):
+    good = write_photo(str(tmp_path / "good.png"), skimage.data.chelsea())
+    (tmp_path / "random.jpg").write_bytes(os.urandom(2000))
+    (tmp_path / "truncated.png").write_bytes(open(good, "rb").read()[:100])
+    (tmp_path / "empty.jpeg").write_bytes(b"")
+    write_photo(str(tmp_path / "tiny.png"), np.zeros([8, 100, 3], np.uint8))
+    source = image_source(str(tmp_path), min_side=32)
+    images = [image.numpy() for image in source.dataset(seed=0).take(3)]
+    assert all(image.shape == (300, 451, 3) for image in images)
+    np.testing.assert_array_equal(images[0], skimage.data.chelsea())
+    assert source.skipped.count >= 4  # One pass over the four bad files, at least.
+
+
+def test_tfrecords_of_encoded_images(tmp_path):
+    path = str(tmp_path / "train.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for image in (skimage.data.coffee(), skimage.data.astronaut()):
+            encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+            feature = {TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    assert find_sources(str(tmp_path)) == ("tfrecords", [path])
+    assert sorted(take_shapes(image_source(str(tmp_path), 32), 2)) == [(400, 600, 3), (512, 512, 3)]
+
+
+def test_shards_split_the_files(tmp_path):
+    for name, image in [("a.png", skimage.data.chelsea()), ("b.png", skimage.data.coffee())]:
+        write_photo(str(tmp_path / name), image)
+    source = image_source(str(tmp_path), 32)
+    shard_shapes = [
+        {tuple(i.shape) for i in source.dataset(seed=0, shard=(2, index)).take(4)} for index in range(2)
+    ]
+    assert shard_shapes == [{(300, 451, 3)}, {(400, 600, 3)}]
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: None, "no images"),
+        (lambda d: (d / "bad.jpg").write_bytes(b"\xff\xd8 not really"), "none of the 1 image files"),
+    ],
+    ids=["empty", "all-corrupt"],
+)
+def test_unusable_directories_fail_fast_naming_the_path(tmp_path, make, fragment):
+    make(tmp_path)
+    with pytest.raises(DataError, match=fragment) as error:
+        image_source(str(tmp_path), 32)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_missing_path():
+    with pytest.raises(DataError, match="/no/such/dir does not exist"):
+        image_source("/no/such/dir", 32)
