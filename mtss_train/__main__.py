@@ -1,1 +1,105 @@
-import mtss_train.tasks.foo as f; print("ok", f.__file__)
+"""Trains the multi-task network: `python -m mtss_train --tasks rp,col,ex,ms --train_dir DIR`.
+
+With no --data it trains on the photos bundled with scikit-image. --smoke makes a run small
+enough for a laptop CPU (tiny trunk, 200 steps); drop it for the full-scale settings.
+"""
+
+from absl import app, flags
+
+from mtss_train import trunk
+from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig
+from mtss_train.errors import MtssError, cli_main
+from mtss_train.data.images import image_source
+from mtss_train.trainer import MIN_IMAGE_SIDE, Trainer, describe_outputs
+
+_TASKS = flags.DEFINE_list("tasks", ["rp"], "Tasks to train: registered names or module.path:Class.")
+_TRAIN_DIR = flags.DEFINE_string("train_dir", "runs/mtss", "Checkpoints, flags.json and logs/ go here.")
+_DATA = flags.DEFINE_string("data", None, "Image directory (recursive jpg/png) or TFRecords; default: bundled sample photos.")
+_TASK_PARAM = flags.DEFINE_multi_string("task_param", [], "Task setting as task.field=value, e.g. rp.batch_size=32.")
+_SCHEDULE = flags.DEFINE_enum("schedule", "round_robin", list(SCHEDULES), "How each step picks its task.")
+_TASK_WEIGHTS = flags.DEFINE_list("task_weights", None, "Sampling weight per task (with --schedule weighted).")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Total steps over all tasks (default 200000; 200 with --smoke).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Small CPU run: tiny trunk, 200 steps, batch 8, frequent logs.")
+_TRUNK_SIZE = flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk: 101 (default) or tiny.")
+_OUTPUT_STRIDE = flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "rmsprop", list(OPTIMIZERS), "Optimizer.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+_LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", list(LR_SCHEDULES), "Learning-rate schedule.")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps (cosine schedule).")
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Momentum (RMSProp and SGD).")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay of conv weights.")
+_BATCH_NORM_DECAY = flags.DEFINE_float("batch_norm_decay", None, "BN moving-average decay (default 0.997; 0.9 with --smoke).")
+_CLIP_NORM = flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm; 0 = off.")
+_INIT_CHECKPOINT = flags.DEFINE_string("init_checkpoint", None, "Warm start (e.g. the released model) when train_dir has no checkpoint.")
+_EXCLUDE_SCOPES = flags.DEFINE_list("exclude_scopes", list(trunk.NOT_IN_TRUNK), "Variable scopes never warm-started.")
+_TRAINABLE_SCOPES = flags.DEFINE_list("trainable_scopes", [], "Train only variables under these scopes (default all).")
+_SAVE_EVERY = flags.DEFINE_integer("save_every_steps", None, "Checkpoint interval (default 1000; 100 with --smoke).")
+_KEEP = flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.")
+_SUMMARY_EVERY = flags.DEFINE_integer("summary_every_steps", None, "TensorBoard interval (default 100; 20 with --smoke).")
+_LOG_EVERY = flags.DEFINE_integer("log_every_steps", 10, "Console progress interval.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of data order, task schedule and augmentation.")
+_STRATEGY = flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
+_EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out images: evaluated after every checkpoint (eval/ summaries).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "Batches per task and evaluation.", lower_bound=1)
+
+# Short runs need fast BN moving averages, or inference-mode outputs lag far behind.
+_SMOKE_DEFAULTS = {"max_steps": 200, "trunk_size": "tiny", "save_every_steps": 100,
+                   "summary_every_steps": 20, "batch_norm_decay": 0.9}
+_FULL_DEFAULTS = {"max_steps": 200_000, "trunk_size": "101", "save_every_steps": 1000,
+                  "summary_every_steps": 100, "batch_norm_decay": 0.997}
+
+
+def parse_task_params(values: list[str]) -> dict[str, dict[str, str]]:
+    params: dict[str, dict[str, str]] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        task, dot, field = key.rpartition(".")
+        if not (sep and dot and task and field):
+            raise MtssError(f"--task_param {item!r} is not task.field=value")
+        params.setdefault(task, {})[field] = value
+    return params
+
+
+def config_from_flags() -> TrainConfig:
+    defaults = _SMOKE_DEFAULTS if _SMOKE.value else _FULL_DEFAULTS
+    pick = lambda flag, key: defaults[key] if flag.value is None else flag.value  # noqa: E731
+    params = parse_task_params(_TASK_PARAM.value)
+    if _SMOKE.value:
+        for task in _TASKS.value:
+            params.setdefault(task, {}).setdefault("batch_size", "8")
+    try:
+        weights = [float(w) for w in _TASK_WEIGHTS.value] if _TASK_WEIGHTS.value else None
+    except ValueError:
+        raise MtssError(f"--task_weights takes numbers, got {_TASK_WEIGHTS.value}") from None
+    return TrainConfig(
+        train_dir=_TRAIN_DIR.value, tasks=_TASKS.value, task_params=params, data=_DATA.value,
+        schedule=_SCHEDULE.value, task_weights=weights, max_steps=pick(_MAX_STEPS, "max_steps"),
+        trunk_size=pick(_TRUNK_SIZE, "trunk_size"),
+        output_stride=int(_OUTPUT_STRIDE.value) if _OUTPUT_STRIDE.value else None,
+        optimizer=_OPTIMIZER.value, learning_rate=_LEARNING_RATE.value,
+        lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value,
+        momentum=_MOMENTUM.value, weight_decay=_WEIGHT_DECAY.value, clip_norm=_CLIP_NORM.value,
+        batch_norm_decay=pick(_BATCH_NORM_DECAY, "batch_norm_decay"),
+        init_checkpoint=_INIT_CHECKPOINT.value, exclude_scopes=_EXCLUDE_SCOPES.value,
+        trainable_scopes=_TRAINABLE_SCOPES.value,
+        save_every_steps=pick(_SAVE_EVERY, "save_every_steps"), keep_checkpoints=_KEEP.value,
+        summary_every_steps=pick(_SUMMARY_EVERY, "summary_every_steps"),
+        log_every_steps=_LOG_EVERY.value, seed=_SEED.value, strategy=_STRATEGY.value,
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
+    eval_images = image_source(_EVAL_DATA.value, MIN_IMAGE_SIDE) if _EVAL_DATA.value else None
+    trainer = Trainer(config_from_flags(), eval_images, _EVAL_BATCHES.value)
+    checkpoint = trainer.train()
+    print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
+
+
+def run() -> None:
+    app.run(cli_main(main))
+
+
+if __name__ == "__main__":
+    run()

@@ -10,7 +10,11 @@ import pytest
 from mtss_train import loader
 
 
-def run_cli(*args: str, cwd: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def run_cli(*args: str, cwd: str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m ARGS...` in a fresh interpreter, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", *args],
@@ -18,7 +22,7 @@ def run_cli(*args: str, cwd: str | None = None, timeout: float = 300) -> subproc
         text=True,
         cwd=cwd,
         timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=env or cli_env(),
     )
 
 

@@ -1,0 +1,112 @@
+"""The resolved training configuration: every default in one place, validated once."""
+
+import dataclasses
+import json
+import os
+
+from mtss_train import trunk
+from mtss_train.errors import MtssError
+from mtss_train.task import Task, TaskConfig, make_config, task_class
+
+CONFIG_VERSION = 1
+OPTIMIZERS = ("rmsprop", "momentum")
+LR_SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("round_robin", "weighted")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Trainer settings; task settings live in each task's Config."""
+
+    train_dir: str
+    tasks: list[str]
+    task_params: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    data: str | None = None  # None: the embedded sample photos.
+    schedule: str = "round_robin"
+    task_weights: list[float] | None = None
+    max_steps: int = 200_000
+    trunk_size: str = "101"
+    output_stride: int | None = None
+    optimizer: str = "rmsprop"
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    momentum: float = 0.9
+    rmsprop_decay: float = 0.9
+    rmsprop_epsilon: float = 1.0
+    weight_decay: float = 1e-4
+    batch_norm_decay: float = 0.997
+    clip_norm: float = 0.0  # Global-norm gradient clipping; 0 disables it.
+    init_checkpoint: str | None = None
+    exclude_scopes: list[str] = dataclasses.field(default_factory=lambda: list(trunk.NOT_IN_TRUNK))
+    trainable_scopes: list[str] = dataclasses.field(default_factory=list)
+    save_every_steps: int = 1000
+    keep_checkpoints: int = 5
+    summary_every_steps: int = 100
+    log_every_steps: int = 10
+    seed: int = 0
+    strategy: str = "default"
+    version: int = CONFIG_VERSION
+
+    def validate(self) -> None:
+        """Raises MtssError naming the first bad setting."""
+        checks = [
+            (bool(self.tasks), "--tasks is empty"),
+            (len(set(self.tasks)) == len(self.tasks), f"--tasks repeats a task: {self.tasks}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of {LR_SCHEDULES}"),
+            (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}"),
+            (self.trunk_size in trunk.TRUNK_SIZES, f"--trunk_size must be one of {trunk.TRUNK_SIZES}"),
+            (self.output_stride in (None, 8, 16, 32), "--output_stride must be 8, 16 or 32"),
+            (self.max_steps >= 1, "--max_steps must be >= 1"),
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (0 <= self.warmup_steps, "--warmup_steps must be >= 0"),
+            (self.weight_decay >= 0 and self.clip_norm >= 0, "--weight_decay and --clip_norm must be >= 0"),
+            (0 <= self.batch_norm_decay < 1, "--batch_norm_decay must be in [0, 1)"),
+            (min(self.save_every_steps, self.summary_every_steps, self.log_every_steps,
+                 self.keep_checkpoints) >= 1, "step intervals and --keep_checkpoints must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MtssError(message)
+        if self.task_weights is not None:
+            if len(self.task_weights) != len(self.tasks) or min(self.task_weights) < 0 or not sum(self.task_weights) > 0:
+                raise MtssError(
+                    f"--task_weights needs one non-negative weight per task ({len(self.tasks)}), "
+                    f"not all zero; got {self.task_weights}"
+                )
+        unknown = set(self.task_params) - set(self.tasks) - {task_class(t).name for t in self.tasks}
+        if unknown:
+            raise MtssError(f"--task_param names task(s) not in --tasks: {sorted(unknown)}")
+
+
+def build_tasks(config: TrainConfig) -> list[Task]:
+    """Instantiates the configured tasks with their overridden, validated configs."""
+    tasks = []
+    for spec in config.tasks:
+        cls = task_class(spec)
+        overrides = {**config.task_params.get(cls.name, {}), **config.task_params.get(spec, {})}
+        task_config = make_config(cls, overrides)
+        try:
+            tasks.append(cls(task_config))
+        except MtssError as e:
+            raise MtssError(f"task {cls.name}: {e}") from None
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise MtssError(f"two tasks share a name: {names}")
+    return tasks
+
+
+def write_config(config: TrainConfig, tasks: list[Task], path: str) -> None:
+    """Writes the resolved configuration (trainer and every task) as JSON, atomically."""
+    resolved = dataclasses.asdict(config)
+    resolved["task_configs"] = {t.name: dataclasses.asdict(t.config) for t in tasks}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+__all__ = ["TrainConfig", "TaskConfig", "build_tasks", "write_config"]

@@ -1,0 +1,68 @@
+"""The multi-task network: one shared slim trunk and one slim head per task."""
+
+import functools
+from typing import Sequence
+
+from mtss_train import trunk
+from mtss_train.compat import slim, tf
+from mtss_train.slim_layer import SlimLayer, slim_name
+from mtss_train.task import Batch, Task
+
+
+class MultiTaskModel:
+    """Trunk (`resnet_v2_101/...`) and heads (`<task>_head/...`) as separate slim layers.
+
+    Separate layers keep each head's weight-decay losses apart, so a step of one task
+    decays the trunk and its own head, never the idle heads of other tasks.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        trunk_size: str = "101",
+        output_stride: int | None = None,
+        weight_decay: float = 1e-4,
+        batch_norm_decay: float = 0.997,
+    ):
+        self.tasks = {t.name: t for t in tasks}
+        arg_scope = functools.partial(trunk.trunk_arg_scope, weight_decay, batch_norm_decay)
+        blocks = trunk.trunk_blocks(trunk_size)
+
+        def trunk_fn(images: tf.Tensor, is_training: bool) -> tf.Tensor:
+            with slim.arg_scope(arg_scope()):
+                block3, _ = trunk.resnet_v2_101_block3(
+                    images, is_training, output_stride=output_stride, blocks=blocks
+                )
+            return block3
+
+        def head_fn(block3: tf.Tensor, is_training: bool, task: Task, batch: Batch) -> dict:
+            with slim.arg_scope(arg_scope()), slim.arg_scope(
+                [slim.batch_norm], is_training=is_training
+            ), tf.compat.v1.variable_scope(task.head_scope):
+                return task.head(block3, batch, is_training)
+
+        self.trunk = SlimLayer(trunk_fn, name="trunk")
+        self.heads = {
+            t.name: SlimLayer(functools.partial(head_fn, task=t), name=t.head_scope) for t in tasks
+        }
+
+    def __call__(self, task_name: str, batch: Batch, training: bool) -> dict[str, tf.Tensor]:
+        task = self.tasks[task_name]
+        block3 = self.trunk(task.trunk_images(batch), training=training)
+        return self.heads[task_name](block3, training=training, batch=batch)
+
+    def regularization_loss(self, task_name: str) -> tf.Tensor:
+        losses = self.trunk.losses + self.heads[task_name].losses
+        return tf.add_n(losses) if losses else tf.constant(0.0)
+
+    def variables_by_name(self) -> dict[str, tf.Variable]:
+        """Every model variable (trunk and all heads, incl. BN statistics) by slim name."""
+        named = dict(self.trunk.variables_by_name())
+        for head in self.heads.values():
+            named.update(head.variables_by_name())
+        return named
+
+    def trainable_variables(self, task_name: str, scopes: Sequence[str] = ()) -> list[tf.Variable]:
+        """What a step of `task_name` trains: trunk + its head, limited to `scopes` if given."""
+        candidates = self.trunk.trainable_variables + self.heads[task_name].trainable_variables
+        return [v for v in candidates if not scopes or slim_name(v).startswith(tuple(scopes))]

@@ -1,0 +1,93 @@
+"""The task registry, loading tasks by import path and entry point, config overrides."""
+
+import collections
+import dataclasses
+import os
+
+import pytest
+
+from mtss_train.config import TrainConfig, build_tasks
+from mtss_train.errors import MtssError
+from mtss_train.registry import Registry
+from mtss_train.task import Task, make_config, task_class
+from mtss_train.trainer import TaskSchedule
+
+TESTS = os.path.dirname(__file__)
+
+
+@pytest.fixture
+def plugin_path(monkeypatch):
+    monkeypatch.syspath_prepend(TESTS)
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(MtssError, match=r"unknown task 'jigsaw'; known: .*rp"):
+        task_class("jigsaw")
+
+
+def test_task_by_import_path(plugin_path):
+    cls = task_class("plugin_rotation:Rotation")
+    assert issubclass(cls, Task) and cls.name == "rotation"
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [("no_such_module:Task", "cannot import 'no_such_module'"),
+     ("plugin_rotation:Missing", "has no attribute 'Missing'"),
+     ("plugin_rotation:dataclasses", "not a subclass of mtss_train.task.Task")],
+)
+def test_bad_import_paths(plugin_path, spec, fragment):
+    with pytest.raises(MtssError, match=fragment):
+        task_class(spec)
+
+
+def test_installed_entry_point_registers_a_task(tmp_path, monkeypatch):
+    dist = tmp_path / "mtss_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mtss-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mtss_train.tasks]\nrotation = plugin_rotation:Rotation\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(TESTS)
+    assert task_class("rotation").__name__ == "Rotation"
+
+
+def test_registry_refuses_a_second_definition_under_one_name():
+    registry = Registry("thing")
+    registry.register("a")(TaskSchedule)
+    registry.register("a")(TaskSchedule)  # The same object again (e.g. a re-import) is fine.
+    with pytest.raises(ValueError, match="'a' is already registered by .*trainer.py"):
+        registry.register("a")(Registry)
+
+
+def test_config_overrides_are_typed(plugin_path):
+    cls = task_class("plugin_rotation:Rotation")
+    config = make_config(cls, {"crop_size": "32", "loss_weight": "0.5"})
+    assert (config.crop_size, config.loss_weight, config.batch_size) == (32, 0.5, 16)
+    with pytest.raises(MtssError, match="rotation.crop_size takes a int, got 'big'"):
+        make_config(cls, {"crop_size": "big"})
+    with pytest.raises(MtssError, match="has no setting 'crop'; settings: batch_size, crop_size, loss_weight"):
+        make_config(cls, {"crop": "3"})
+
+
+def test_task_params_reach_the_right_task(plugin_path):
+    config = TrainConfig(
+        train_dir="unused", tasks=["rp", "plugin_rotation:Rotation"],
+        task_params={"rp": {"batch_size": "4"}, "rotation": {"crop_size": "48"}},
+    )
+    config.validate()
+    rp, rotation = build_tasks(config)
+    assert (rp.config.batch_size, rotation.config.crop_size, rotation.config.batch_size) == (4, 48, 16)
+    assert dataclasses.asdict(rp.config)["patch_size"] == 96
+
+
+def test_round_robin_schedule():
+    schedule = TaskSchedule(["rp", "col", "ex"], "round_robin", None, seed=0)
+    assert [schedule.task_at(s) for s in range(7)] == ["rp", "col", "ex", "rp", "col", "ex", "rp"]
+
+
+def test_weighted_schedule_follows_the_weights_and_the_seed():
+    schedule = TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=1)
+    picks = [schedule.task_at(s) for s in range(4000)]
+    assert 0.72 < collections.Counter(picks)["rp"] / len(picks) < 0.78
+    assert picks == [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=1).task_at(s) for s in range(4000)]
+    assert picks != [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=2).task_at(s) for s in range(4000)]

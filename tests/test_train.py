@@ -1,0 +1,174 @@
+"""The trainer end to end through `python -m mtss_train`: checkpoints, logs, resume, warm start."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, cli_env, run_cli
+from mtss_train import checkpoints, loader, trunk
+from mtss_train.compat import tf
+
+TESTS = os.path.dirname(__file__)
+# Small enough for seconds per run on CPU; the tiny trunk comes with --smoke.
+FAST = ["--smoke", "--task_param", "rp.batch_size=2", "--log_every_steps", "1"]
+pytestmark = pytest.mark.slow
+
+
+def train(train_dir, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("mtss_train", "--train_dir", str(train_dir), *FAST, *flags, env=env)
+
+
+def global_step(train_dir) -> int:
+    return int(checkpoints.read_tensors(checkpoints.latest(str(train_dir)), ["global_step"])["global_step"])
+
+
+def summary_tags(log_dir) -> set[str]:
+    tags = set()
+    for path in glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_trains_writes_checkpoints_logs_config_and_resumes(tmp_path):
+    run = train(tmp_path, "--max_steps", "6", "--save_every_steps", "3", "--summary_every_steps", "3")
+    assert run.returncode == 0, run.stderr
+    assert f"checkpoint:      {tmp_path}/model.ckpt-6" in run.stdout
+    assert f"tensorboard --logdir {tmp_path}/logs" in run.stdout
+    assert "step 6/6  rp: loss" in run.stderr
+    assert global_step(tmp_path) == 6
+    names = checkpoints.read_specs(str(tmp_path))
+    assert "resnet_v2_101/block3/unit_2/bottleneck_v2/conv3/weights" in names
+    assert "rp_head/fc8/weights" in names and "rp_head/preact/moving_mean" in names
+    assert any(n.startswith("optimizer/") for n in names)
+    assert not any(n.startswith(trunk.NOT_IN_TRUNK) for n in names)
+    assert {"train/rp/loss", "train/rp/accuracy", "train/rp/examples_per_sec",
+            "train/learning_rate", "data/skipped_images", "rp/centre_neighbour"} <= summary_tags(tmp_path / "logs")
+    flags = json.load(open(tmp_path / "flags.json"))
+    assert flags["tasks"] == ["rp"] and flags["trunk_size"] == "tiny"
+    assert flags["task_configs"]["rp"]["batch_size"] == 2 and flags["task_configs"]["rp"]["gap"] == 48
+
+    again = train(tmp_path, "--max_steps", "8")
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {tmp_path}/model.ckpt-6 at step 6" in again.stderr
+    assert "training rp from step 6 to 8" in again.stderr
+    assert global_step(tmp_path) == 8
+
+
+def test_killed_run_continues_from_its_last_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "mtss_train", "--train_dir", str(tmp_path), *FAST,
+               "--max_steps", "100000", "--save_every_steps", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not os.path.exists(tmp_path / "model.ckpt-8.index"):
+            assert process.poll() is None, "training ended early"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = global_step(tmp_path)
+    assert saved >= 8 and saved % 4 == 0
+    resumed = train(tmp_path, "--max_steps", str(saved + 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {saved}" in resumed.stderr
+    assert global_step(tmp_path) == saved + 2
+
+
+def write_trunk_only_checkpoint(directory) -> dict[str, np.ndarray]:
+    """A checkpoint like the released model's: trunk variables only, no step, no heads."""
+    layer = loader.trunk_layer("tiny")
+    layer(tf.zeros([1, 64, 64, 3]), training=False)
+    values = {name: v.numpy() + 0.5 for name, v in layer.variables_by_name().items()}
+    checkpoints.save(str(directory), values, step=1)
+    return values
+
+
+def test_warm_start_from_a_trunk_only_checkpoint(tmp_path):
+    released = write_trunk_only_checkpoint(tmp_path / "released")
+    run = train(tmp_path / "run", "--max_steps", "2", "--init_checkpoint", str(tmp_path / "released"),
+                "--trainable_scopes", "rp_head")
+    assert run.returncode == 0, run.stderr
+    assert f"warm start from {tmp_path}/released" in run.stderr
+    assert f"{len(released)} matched" in run.stderr and "missing in checkpoint (left at their initial values)" in run.stderr
+    trained = checkpoints.read_tensors(str(tmp_path / "run"))
+    frozen = [n for n in released if not n.endswith(("moving_mean", "moving_variance"))]
+    for name in frozen:  # Restored, and --trainable_scopes kept the trunk fixed.
+        np.testing.assert_array_equal(trained[name], released[name], err_msg=name)
+    assert trained["global_step"] == 2 and "rp_head/fc8/weights" in trained
+
+
+def test_warm_start_that_misses_the_trunk_is_an_error(tmp_path):
+    layer = loader.trunk_layer("tiny")
+    layer(tf.zeros([1, 64, 64, 3]), training=False)
+    checkpoints.save(str(tmp_path / "other"), {"some/other/weights": np.zeros([3])}, step=1)
+    run = train(tmp_path / "run", "--max_steps", "1", "--init_checkpoint", str(tmp_path / "other"))
+    assert_one_line_error(run, "lacks", "resnet_v2_101/conv1/")
+    assert checkpoints.latest(str(tmp_path / "run")) is None
+
+
+def test_a_task_from_a_test_file_trains_by_import_path(tmp_path):
+    run = train(tmp_path, "--tasks", "rp,plugin_rotation:Rotation", "--max_steps", "4",
+                "--task_param", "rotation.batch_size=2", "--summary_every_steps", "2",
+                env=cli_env(PYTHONPATH=TESTS))
+    assert run.returncode == 0, run.stderr
+    assert "rotation: loss" in run.stderr
+    names = checkpoints.read_specs(str(tmp_path))
+    assert "rotation_head/logits/weights" in names and "rp_head/fc8/weights" in names
+    assert {"train/rotation/loss", "rotation/rotated"} <= summary_tags(tmp_path / "logs")
+    assert json.load(open(tmp_path / "flags.json"))["task_configs"]["rotation"]["crop_size"] == 64
+
+
+def test_non_finite_loss_stops_with_one_error_and_keeps_the_last_checkpoint(tmp_path):
+    run = train(tmp_path, "--tasks", "rp,plugin_rotation:DivergingRotation", "--max_steps", "6",
+                "--save_every_steps", "1", "--task_param", "diverging.batch_size=2",
+                env=cli_env(PYTHONPATH=TESTS))
+    assert_one_line_error(run, "non-finite diverging loss", f"last good checkpoint is {tmp_path}/model.ckpt-1")
+    assert global_step(tmp_path) == 1
+
+
+@pytest.fixture
+def corrupt_dir(tmp_path):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return tmp_path / "corrupt"
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--tasks", "jigsaw"], ["unknown task 'jigsaw'", "known: rp"]),
+        (["--tasks", "rp", "--data", "{tmp}"], ["no images", "{tmp}"]),
+        (["--data", "{corrupt}"], ["none of the 1 image files", "{corrupt}"]),
+        (["--data", "/no/such/photos"], ["/no/such/photos does not exist"]),
+        (["--max_steps", "0"], ["--max_steps must be >= 1"]),
+        (["--task_param", "rp.batch_size=many"], ["rp.batch_size takes a int, got 'many'"]),
+        (["--task_param", "rp.patchsize=64"], ["no setting 'patchsize'", "patch_size"]),
+        (["--task_param", "rp_batch_size=4"], ["is not task.field=value"]),
+        (["--task_param", "col.batch_size=4"], ["not in --tasks: ['col']"]),
+        (["--task_weights", "1,2"], ["--task_weights needs one non-negative weight per task (1)"]),
+        (["--init_checkpoint", "/no/such/ckpt"], ["/no/such/ckpt"]),
+        (["--train_dir", "{file}"], ["cannot create --train_dir"]),
+        (["extra_argument"], ["unexpected arguments ['extra_argument']"]),
+    ],
+    ids=lambda v: "_".join(v) if isinstance(v, list) else None,
+)
+def test_bad_input_gives_one_clear_error(tmp_path, corrupt_dir, flags, fragments):
+    (tmp_path / "a_file").write_text("")
+    fill = lambda s: s.format(tmp=tmp_path / "empty", corrupt=corrupt_dir, file=tmp_path / "a_file" / "run")  # noqa: E731
+    (tmp_path / "empty").mkdir()
+    run = run_cli("mtss_train", "--train_dir", str(tmp_path / "run"), "--smoke", *map(fill, flags))
+    assert_one_line_error(run, *map(fill, fragments))
+
+
+def test_bad_flag_values_are_caught_by_absl(tmp_path):
+    run = run_cli("mtss_train", "--train_dir", str(tmp_path), "--schedule", "random")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "--schedule" in run.stderr and "round_robin" in run.stderr
