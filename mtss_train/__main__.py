@@ -7,6 +7,7 @@ enough for a laptop CPU (tiny trunk, 200 steps); drop it for the full-scale sett
 from absl import app, flags
 
 from mtss_train import trunk
+from mtss_train.compat import tf
 from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.data.images import image_source
@@ -27,6 +28,8 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate."
 _LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", list(LR_SCHEDULES), "Learning-rate schedule.")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps (cosine schedule).")
 _MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Momentum (RMSProp and SGD).")
+_RMSPROP_DECAY = flags.DEFINE_float("rmsprop_decay", 0.9, "RMSProp decay of the squared-gradient average.")
+_RMSPROP_EPSILON = flags.DEFINE_float("rmsprop_epsilon", 1.0, "RMSProp epsilon (1.0 as in slim's train_image_classifier).")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay of conv weights.")
 _BATCH_NORM_DECAY = flags.DEFINE_float("batch_norm_decay", None, "BN moving-average decay (default 0.997; 0.9 with --smoke).")
 _CLIP_NORM = flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm; 0 = off.")
@@ -78,7 +81,8 @@ def config_from_flags() -> TrainConfig:
         output_stride=int(_OUTPUT_STRIDE.value) if _OUTPUT_STRIDE.value else None,
         optimizer=_OPTIMIZER.value, learning_rate=_LEARNING_RATE.value,
         lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value,
-        momentum=_MOMENTUM.value, weight_decay=_WEIGHT_DECAY.value, clip_norm=_CLIP_NORM.value,
+        momentum=_MOMENTUM.value, rmsprop_decay=_RMSPROP_DECAY.value,
+        rmsprop_epsilon=_RMSPROP_EPSILON.value, weight_decay=_WEIGHT_DECAY.value, clip_norm=_CLIP_NORM.value,
         batch_norm_decay=pick(_BATCH_NORM_DECAY, "batch_norm_decay"),
         init_checkpoint=_INIT_CHECKPOINT.value, exclude_scopes=_EXCLUDE_SCOPES.value,
         trainable_scopes=_TRAINABLE_SCOPES.value,
@@ -91,10 +95,12 @@ def config_from_flags() -> TrainConfig:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
+    tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
     eval_images = image_source(_EVAL_DATA.value, MIN_IMAGE_SIDE) if _EVAL_DATA.value else None
     trainer = Trainer(config_from_flags(), eval_images, _EVAL_BATCHES.value)
     checkpoint = trainer.train()
-    print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
+    if trainer.chief:
+        print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
 
 
 def run() -> None:
