@@ -97,17 +97,16 @@ class ImageSource:
         self.kind, self.paths, self.path = kind, paths, where
         self.min_side = min_side
         self.skipped = SkipCounter()
-        if self.kind == "files":
-            self._check_some_file_decodes()
+        self._check_some_image_decodes()
 
-    def _check_some_file_decodes(self) -> None:
-        # Fails fast instead of letting an all-bad directory stall the endless pipeline.
-        for path in self.paths:
-            if decode_rgb(read_file(path), self.min_side) is not None:
+    def _check_some_image_decodes(self) -> None:
+        # Fails fast instead of letting an all-bad source stall the endless pipeline.
+        for data in self._records().as_numpy_iterator():
+            if decode_rgb(read_file(data) if self.kind == "files" else data, self.min_side) is not None:
                 return
         raise DataError(
-            f"none of the {len(self.paths)} image files in {self.path} could be decoded "
-            f"with both sides >= {self.min_side} px"
+            f"none of the images in the {len(self.paths)} {'image' if self.kind == 'files' else 'TFRecord'} "
+            f"file(s) in {self.path} could be decoded with both sides >= {self.min_side} px"
         )
 
     def _decode(self, data: bytes) -> np.ndarray:
@@ -122,10 +121,12 @@ class ImageSource:
         if self.kind == "files":
             return tf.data.Dataset.from_tensor_slices(self.paths)
         feature = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+        # A truncated file or a record without the image key is dropped (with a logged
+        # warning), not counted: tf.data cannot say which record failed.
         return tf.data.TFRecordDataset(self.paths).map(
             lambda record: tf.io.parse_single_example(record, feature)[TFRECORD_IMAGE_KEY],
             num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        ).ignore_errors(log_warning=True)
 
     def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
         """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline."""

@@ -55,7 +55,14 @@ def _definition_site(item: object) -> str:
 def load_entry_points(registry: Registry, group: str = ENTRY_POINT_GROUP) -> None:
     """Imports installed plugins (`[project.entry-points."mtss_train.tasks"]`)."""
     for entry_point in metadata.entry_points(group=group):
-        registry.register(entry_point.name)(entry_point.load())
+        try:
+            item = entry_point.load()
+        except Exception as e:  # A broken plugin must name itself, whatever it raised.
+            raise MtssError(
+                f"installed {registry.kind} plugin {entry_point.name!r} = {entry_point.value!r} "
+                f"failed to load: {type(e).__name__}: {e}"
+            ) from None
+        registry.register(entry_point.name)(item)
 
 
 def load_by_path(spec: str) -> object:

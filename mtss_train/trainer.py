@@ -63,7 +63,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def make_optimizer(config: TrainConfig) -> tf_keras.optimizers.Optimizer:
+def make_learning_rate(config: TrainConfig) -> float | tf_keras.optimizers.schedules.LearningRateSchedule:
+    """The configured learning rate: a constant or a schedule of the global step."""
     schedules = tf_keras.optimizers.schedules
     rate = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -76,6 +77,11 @@ def make_optimizer(config: TrainConfig) -> tf_keras.optimizers.Optimizer:
     elif config.lr_schedule == "step":  # x0.1 at 1/2 and 3/4 of training.
         bounds = [config.max_steps // 2, 3 * config.max_steps // 4]
         rate = schedules.PiecewiseConstantDecay(bounds, [rate, rate * 0.1, rate * 0.01])
+    return rate
+
+
+def make_optimizer(config: TrainConfig) -> tf_keras.optimizers.Optimizer:
+    rate = make_learning_rate(config)
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     if config.optimizer == "rmsprop":
         return tf_keras.optimizers.RMSprop(
@@ -344,8 +350,7 @@ class Trainer:
             if meter.window_steps:
                 tf.summary.scalar(f"train/{task_name}/examples_per_sec", meter.examples_per_sec())
             meter.reset_window()
-        rate = self.optimizer.learning_rate
-        tf.summary.scalar("train/learning_rate", rate(self.optimizer.iterations) if callable(rate) else rate)
+        tf.summary.scalar("train/learning_rate", self.optimizer.learning_rate)  # At the current step.
         tf.summary.scalar("data/skipped_images", self.images.skipped.count)
         local = self.strategy.experimental_local_results(batch)[0]
         for key, images in image_summary(local).items():

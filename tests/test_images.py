@@ -54,15 +54,39 @@ def test_corrupt_truncated_and_tiny_images_are_skipped_and_counted(tmp_path):
     assert source.skipped.count >= 4  # One pass over the four bad files, at least.
 
 
-def test_tfrecords_of_encoded_images(tmp_path):
-    path = str(tmp_path / "train.tfrecord")
+def write_records(path: str, encoded_images: list[bytes]) -> str:
     with tf.io.TFRecordWriter(path) as writer:
-        for image in (skimage.data.coffee(), skimage.data.astronaut()):
-            encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+        for encoded in encoded_images:
             feature = {TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    return path
+
+
+def png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def test_tfrecords_of_encoded_images(tmp_path):
+    path = write_records(str(tmp_path / "train.tfrecord"), [png(skimage.data.coffee()), png(skimage.data.astronaut())])
     assert find_sources(str(tmp_path)) == ("tfrecords", [path])
     assert sorted(take_shapes(image_source(str(tmp_path), 32), 2)) == [(400, 600, 3), (512, 512, 3)]
+
+
+def test_corrupt_records_and_truncated_tfrecord_files_are_skipped(tmp_path):
+    write_records(str(tmp_path / "a.tfrecord"), [b"not an image", png(skimage.data.coffee())])
+    truncated = write_records(str(tmp_path / "b.tfrecord"), [png(skimage.data.astronaut())] * 2)
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) - 1000)
+    source = image_source(str(tmp_path), 32)
+    shapes = set(take_shapes(source, 6))
+    assert (400, 600, 3) in shapes and shapes <= {(400, 600, 3), (512, 512, 3)}
+    assert source.skipped.count >= 1  # The undecodable record; truncated data is dropped by tf.data.
+
+
+def test_tfrecords_without_a_decodable_image_fail_fast(tmp_path):
+    write_records(str(tmp_path / "a.tfrecord"), [b"not an image"] * 3)
+    with pytest.raises(DataError, match="none of the images in the 1 TFRecord file"):
+        image_source(str(tmp_path), 32)
 
 
 def test_shards_split_the_files(tmp_path):
@@ -79,7 +103,7 @@ def test_shards_split_the_files(tmp_path):
     "make, fragment",
     [
         (lambda d: None, "no images"),
-        (lambda d: (d / "bad.jpg").write_bytes(b"\xff\xd8 not really"), "none of the 1 image files"),
+        (lambda d: (d / "bad.jpg").write_bytes(b"\xff\xd8 not really"), "none of the images in the 1 image file"),
     ],
     ids=["empty", "all-corrupt"],
 )

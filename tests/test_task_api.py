@@ -10,7 +10,7 @@ from mtss_train.config import TrainConfig, build_tasks
 from mtss_train.errors import MtssError
 from mtss_train.registry import Registry
 from mtss_train.task import Task, make_config, task_class
-from mtss_train.trainer import TaskSchedule
+from mtss_train.trainer import TaskSchedule, make_learning_rate, make_optimizer
 
 TESTS = os.path.dirname(__file__)
 
@@ -49,6 +49,16 @@ def test_installed_entry_point_registers_a_task(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(TESTS)
     assert task_class("rotation").__name__ == "Rotation"
+
+
+def test_a_broken_plugin_names_itself(tmp_path, monkeypatch):
+    dist = tmp_path / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mtss_train.tasks]\nbroken = no_such_plugin_module:Task\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MtssError, match="plugin 'broken' = 'no_such_plugin_module:Task' failed to load"):
+        task_class("anything_unregistered")
 
 
 def test_registry_refuses_a_second_definition_under_one_name():
@@ -91,3 +101,25 @@ def test_weighted_schedule_follows_the_weights_and_the_seed():
     assert 0.72 < collections.Counter(picks)["rp"] / len(picks) < 0.78
     assert picks == [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=1).task_at(s) for s in range(4000)]
     assert picks != [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=2).task_at(s) for s in range(4000)]
+
+
+@pytest.mark.parametrize(
+    "schedule, rates",
+    [("constant", {0: 0.1, 50: 0.1, 100: 0.1}),
+     ("step", {0: 0.1, 50: 0.1, 51: 0.01, 76: 0.001}),
+     ("cosine", {0: 0.0, 10: 0.1, 55: 0.05, 100: 0.0})],
+)
+def test_learning_rate_schedules(schedule, rates):
+    config = TrainConfig(train_dir="unused", tasks=["rp"], learning_rate=0.1, lr_schedule=schedule,
+                         warmup_steps=10 if schedule == "cosine" else 0, max_steps=100)
+    rate = make_learning_rate(config)
+    for step, expected in rates.items():
+        assert float(rate(step) if callable(rate) else rate) == pytest.approx(expected, abs=1e-6), step
+
+
+def test_optimizers_and_clipping():
+    rmsprop = make_optimizer(TrainConfig(train_dir="unused", tasks=["rp"], clip_norm=5.0))
+    assert type(rmsprop).__name__ == "RMSprop" and rmsprop.global_clipnorm == 5.0
+    assert rmsprop.epsilon == 1.0 and rmsprop.rho == 0.9 and rmsprop.momentum == 0.9
+    sgd = make_optimizer(TrainConfig(train_dir="unused", tasks=["rp"], optimizer="momentum", momentum=0.5))
+    assert type(sgd).__name__ == "SGD" and sgd.momentum == 0.5 and sgd.global_clipnorm is None

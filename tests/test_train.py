@@ -148,7 +148,7 @@ def corrupt_dir(tmp_path):
     [
         (["--tasks", "jigsaw"], ["unknown task 'jigsaw'", "known: rp"]),
         (["--tasks", "rp", "--data", "{tmp}"], ["no images", "{tmp}"]),
-        (["--data", "{corrupt}"], ["none of the 1 image files", "{corrupt}"]),
+        (["--data", "{corrupt}"], ["none of the images in the 1 image file(s)", "{corrupt}"]),
         (["--data", "/no/such/photos"], ["/no/such/photos does not exist"]),
         (["--max_steps", "0"], ["--max_steps must be >= 1"]),
         (["--task_param", "rp.batch_size=many"], ["rp.batch_size takes a int, got 'many'"]),
