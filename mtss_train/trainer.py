@@ -131,7 +131,7 @@ class Trainer:
             )
             self.optimizer = make_optimizer(config)
         self.summary_dir = os.path.join(config.train_dir, "logs")
-        self._built = False
+        self._start_step: int | None = None  # Set once variables exist and are restored.
         self._eval_steps: dict[str, Callable] = {}
 
     # -- data ---------------------------------------------------------------------------
@@ -160,10 +160,15 @@ class Trainer:
                 state[OPTIMIZER_SCOPE + slim_name(variable)] = variable
         return state
 
+    def _prepare(self, batches: dict[str, Batch]) -> int:
+        """Once: creates every variable and restores them (see `_restore`); returns the step."""
+        if self._start_step is None:
+            self._build(batches)
+            self._start_step = self._restore()
+        return self._start_step
+
     def _build(self, batches: dict[str, Batch]) -> None:
         """Creates every variable: the model by one forward pass per task, optimizer slots."""
-        if self._built:
-            return
         for task in self.tasks:
             local = self.strategy.experimental_local_results(batches[task.name])[0]
             with self.strategy.scope():
@@ -172,7 +177,6 @@ class Trainer:
             self.optimizer.build(
                 [v for t in self.tasks for v in self.model.trainable_variables(t.name)]
             )
-        self._built = True
 
     def _checkpoint_step(self) -> int:
         """The global step of the checkpoint a resume would start from (0 if none)."""
@@ -262,12 +266,11 @@ class Trainer:
         Inference mode (BN moving statistics). A Trainer that has not trained yet restores
         its train_dir (or init_checkpoint) first.
         """
+        if self._start_step is None:
+            self._prepare({t.name: next(iter(self._distributed_dataset(t, images, seed))) for t in self.tasks})
         results: dict[str, dict[str, float]] = {}
         for task in self.tasks:
             dataset = self._distributed_dataset(task, images, seed)
-            if not self._built:
-                self._build({t.name: next(iter(self._distributed_dataset(t, images, seed))) for t in self.tasks})
-                self._restore()
             if task.name not in self._eval_steps:
                 self._eval_steps[task.name] = self._distributed(
                     functools.partial(self._replica_results, task.name, training=False)
@@ -299,8 +302,7 @@ class Trainer:
             raise MtssError(f"cannot create --train_dir {config.train_dir}: {e.strerror}") from None
         iterators = self._iterators(self._checkpoint_step())
         pending = {t.name: next(iterators[t.name]) for t in self.tasks}
-        self._build(pending)
-        step = start = self._restore()
+        step = start = self._prepare(pending)
         if self.chief:
             write_config(config, self.tasks, os.path.join(config.train_dir, "flags.json"))
         train_steps = {t.name: self._make_train_step(t.name) for t in self.tasks}
