@@ -53,6 +53,9 @@ def test_trains_writes_checkpoints_logs_config_and_resumes(tmp_path):
     assert not any(n.startswith(trunk.NOT_IN_TRUNK) for n in names)
     assert {"train/rp/loss", "train/rp/accuracy", "train/rp/examples_per_sec",
             "train/learning_rate", "data/skipped_images", "rp/centre_neighbour"} <= summary_tags(tmp_path / "logs")
+    extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")  # The bundled loader reads it.
+    assert not extractor.report.missing_in_checkpoint and "rp_head/fc8/weights" in extractor.report.unused_in_checkpoint
+    assert extractor(tf.zeros([1, 64, 64, 3])).shape == (1, 2, 2, 128)
     flags = json.load(open(tmp_path / "flags.json"))
     assert flags["tasks"] == ["rp"] and flags["trunk_size"] == "tiny"
     assert flags["task_configs"]["rp"]["batch_size"] == 2 and flags["task_configs"]["rp"]["gap"] == 48
