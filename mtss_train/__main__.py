@@ -8,7 +8,7 @@ from absl import app, flags
 
 from mtss_train import trunk
 from mtss_train.compat import tf
-from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig
+from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.data.images import image_source
 from mtss_train.trainer import MIN_IMAGE_SIDE, Trainer, describe_outputs
@@ -42,6 +42,7 @@ _SUMMARY_EVERY = flags.DEFINE_integer("summary_every_steps", None, "TensorBoard 
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", 10, "Console progress interval.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data order, task schedule and augmentation.")
 _STRATEGY = flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out images: evaluated after every checkpoint (eval/ summaries).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "Batches per task and evaluation.", lower_bound=1)
 
@@ -89,6 +90,7 @@ def config_from_flags() -> TrainConfig:
         save_every_steps=pick(_SAVE_EVERY, "save_every_steps"), keep_checkpoints=_KEEP.value,
         summary_every_steps=pick(_SUMMARY_EVERY, "summary_every_steps"),
         log_every_steps=_LOG_EVERY.value, seed=_SEED.value, strategy=_STRATEGY.value,
+        precision=_PRECISION.value,
     )
 
 

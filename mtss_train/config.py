@@ -13,6 +13,8 @@ OPTIMIZERS = ("rmsprop", "momentum")
 LR_SCHEDULES = ("constant", "cosine", "step")
 SCHEDULES = ("round_robin", "weighted")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+# Compute dtype of the network; variables, optimizer state and checkpoints stay float32.
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -47,6 +49,7 @@ class TrainConfig:
     log_every_steps: int = 10
     seed: int = 0
     strategy: str = "default"
+    precision: str = "float32"
     version: int = CONFIG_VERSION
 
     def validate(self) -> None:
@@ -58,6 +61,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of {LR_SCHEDULES}"),
             (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
             (self.trunk_size in trunk.TRUNK_SIZES, f"--trunk_size must be one of {trunk.TRUNK_SIZES}"),
             (self.output_stride in (None, 8, 16, 32), "--output_stride must be 8, 16 or 32"),
             (self.max_steps >= 1, "--max_steps must be >= 1"),

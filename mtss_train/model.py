@@ -23,6 +23,7 @@ class MultiTaskModel:
         output_stride: int | None = None,
         weight_decay: float = 1e-4,
         batch_norm_decay: float = 0.997,
+        dtype_policy: str = "float32",
     ):
         self.tasks = {t.name: t for t in tasks}
         arg_scope = functools.partial(trunk.trunk_arg_scope, weight_decay, batch_norm_decay)
@@ -41,9 +42,10 @@ class MultiTaskModel:
             ), tf.compat.v1.variable_scope(task.head_scope):
                 return task.head(block3, batch, is_training)
 
-        self.trunk = SlimLayer(trunk_fn, name="trunk")
+        self.trunk = SlimLayer(trunk_fn, name="trunk", dtype=dtype_policy)
         self.heads = {
-            t.name: SlimLayer(functools.partial(head_fn, task=t), name=t.head_scope) for t in tasks
+            t.name: SlimLayer(functools.partial(head_fn, task=t), name=t.head_scope, dtype=dtype_policy)
+            for t in tasks
         }
 
     def __call__(self, task_name: str, batch: Batch, training: bool) -> dict[str, tf.Tensor]:
@@ -52,7 +54,7 @@ class MultiTaskModel:
         return self.heads[task_name](block3, training=training, batch=batch)
 
     def regularization_loss(self, task_name: str) -> tf.Tensor:
-        losses = self.trunk.losses + self.heads[task_name].losses
+        losses = [tf.cast(loss, tf.float32) for loss in self.trunk.losses + self.heads[task_name].losses]
         return tf.add_n(losses) if losses else tf.constant(0.0)
 
     def variables_by_name(self) -> dict[str, tf.Variable]:

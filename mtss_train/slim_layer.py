@@ -11,11 +11,28 @@ from typing import Any, Callable
 
 from mtss_train.compat import tf, tf_keras, track_tf1_style_variables
 
+# The wrapper Keras layers use for mixed-precision variables; not exported by tf_keras.
+from tf_keras.src.mixed_precision import autocast_variable  # noqa: E402  After compat.
+
 
 def slim_name(variable: tf.Variable) -> str:
     """The slim / checkpoint name of a variable: its name without the ':0' suffix."""
     name = variable.name
     return name[: name.rindex(":")] if ":" in name else name
+
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _float32_storage(getter: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Variable getter: slim asks for variables in its inputs' dtype; under mixed precision
+    that is float16/bfloat16, so create them in float32 (checkpoints and updates stay
+    float32) and hand slim Keras' auto-cast wrapper, which reads as the layer's compute
+    dtype inside its call."""
+    requested = kwargs.get("dtype")
+    if requested not in _LOW_PRECISION:
+        return getter(*args, **kwargs)
+    return autocast_variable.create_autocast_variable(getter(*args, **{**kwargs, "dtype": tf.float32}))
 
 
 class SlimLayer(tf_keras.layers.Layer):
@@ -34,7 +51,10 @@ class SlimLayer(tf_keras.layers.Layer):
     def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
         if training is not None and not isinstance(training, bool):
             raise TypeError(f"training must be a Python bool, got {type(training)}")
-        return self._net_fn(inputs, is_training=bool(training), **kwargs)
+        with tf.compat.v1.variable_scope(
+            tf.compat.v1.get_variable_scope(), custom_getter=_float32_storage, auxiliary_name_scope=False
+        ):
+            return self._net_fn(inputs, is_training=bool(training), **kwargs)
 
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """All variables (trainable and BN moving statistics) keyed by slim name."""

@@ -128,8 +128,13 @@ class Trainer:
             self.model = MultiTaskModel(
                 self.tasks, config.trunk_size, config.output_stride,
                 config.weight_decay, config.batch_norm_decay,
+                dtype_policy="float32" if config.precision == "float32" else f"mixed_{config.precision}",
             )
             self.optimizer = make_optimizer(config)
+            # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+            self.loss_scaled = config.precision == "float16"
+            if self.loss_scaled:
+                self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
         self.summary_dir = os.path.join(config.train_dir, "logs")
         self._start_step: int | None = None  # Set once variables exist and are restored.
         self._eval_steps: dict[str, Callable] = {}
@@ -221,7 +226,7 @@ class Trainer:
         outputs = self.model(task_name, batch, training=training)
         per_example, metrics = task.loss(outputs, batch)
         return {
-            key: tf.nn.compute_average_loss(values, global_batch_size=task.config.batch_size)
+            key: tf.nn.compute_average_loss(tf.cast(values, tf.float32), global_batch_size=task.config.batch_size)
             for key, values in {"loss": per_example, **metrics}.items()
         }
 
@@ -244,7 +249,11 @@ class Trainer:
                 results = self._replica_results(task_name, batch, training=True)
                 decay = tf.nn.scale_regularization_loss(self.model.regularization_loss(task_name))
                 total = task.config.loss_weight * results["loss"] + decay
+                if self.loss_scaled:
+                    total = self.optimizer.get_scaled_loss(total)
             gradients = tape.gradient(total, variables)
+            if self.loss_scaled:
+                gradients = self.optimizer.get_unscaled_gradients(gradients)
             self.optimizer.apply_gradients(zip(gradients, variables))
             return results
 

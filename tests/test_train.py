@@ -199,3 +199,13 @@ def test_rp_beats_chance_on_held_out_pairs(tmp_path):
     trained = trainer.evaluate(trainer.images, batches=20)["rp"]["accuracy"]
     # Chance is 1/8; over 640 pairs its standard deviation is 1.3 points.
     assert untrained < 0.18 and trained > 0.2, (untrained, trained)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_keeps_float32_weights_and_checkpoints(tmp_path, precision):
+    run = train(tmp_path, "--max_steps", "3", "--precision", precision)
+    assert run.returncode == 0, run.stderr
+    assert "step 3/3  rp: loss" in run.stderr
+    specs = checkpoints.read_specs(str(tmp_path))
+    assert {str(spec.dtype) for name, spec in specs.items() if name != "global_step"} == {"float32"}
+    assert not loader.load_feature_extractor(str(tmp_path), size="tiny").report.mismatched
