@@ -4,6 +4,8 @@ With no --data it trains on the photos bundled with scikit-image. --smoke makes 
 enough for a laptop CPU (tiny trunk, 200 steps); drop it for the full-scale settings.
 """
 
+import sys
+
 from absl import app, flags
 
 from mtss_train import trunk
@@ -103,6 +105,8 @@ def main(argv: list[str]) -> None:
     checkpoint = trainer.train()
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
+    if trainer.stopped_by:
+        sys.exit(128 + trainer.stopped_by)  # The shell's convention for "ended by signal N".
 
 
 def run() -> None:

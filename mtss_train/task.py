@@ -134,4 +134,4 @@ def _parse(text: str, annotation: Any, where: str) -> Any:
     try:
         return kind(text) if kind else text
     except ValueError:
-        raise MtssError(f"{where} takes a {kind.__name__}, got {text!r}") from None
+        raise MtssError(f"{where} takes type {kind.__name__}, got {text!r}") from None

@@ -11,6 +11,8 @@ import functools
 import itertools
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -101,6 +103,30 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
+class StopSignals:
+    """Context: SIGTERM/SIGINT only record themselves, so the loop can stop between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool):
+        # Python only delivers signals to the main thread; elsewhere keep default handling.
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled:
+            self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 class Trainer:
     """Builds everything from a TrainConfig; `train()` runs until `max_steps`.
 
@@ -137,6 +163,7 @@ class Trainer:
                 self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
         self.summary_dir = os.path.join(config.train_dir, "logs")
         self._start_step: int | None = None  # Set once variables exist and are restored.
+        self.stopped_by: signal.Signals | None = None
         self._eval_steps: dict[str, Callable] = {}
 
     # -- data ---------------------------------------------------------------------------
@@ -320,38 +347,49 @@ class Trainer:
         progress = {t.name: Meter() for t in self.tasks}
         window = {t.name: Meter() for t in self.tasks}
         last_saved = checkpoints.latest(config.train_dir)
+        saved_step = start
         started = time.perf_counter()
         logging.info("training %s from step %d to %d", ", ".join(self.schedule.names), step, config.max_steps)
-        while step < config.max_steps:
-            name = self.schedule.task_at(step)
-            batch = pending.pop(name) if name in pending else next(iterators[name])
-            results = {k: float(v) for k, v in train_steps[name](batch).items()}
-            step += 1
-            if not all(math.isfinite(v) for v in results.values()):
-                raise TrainingError(
-                    f"non-finite {name} loss/metrics {results} at step {step}; stopped without "
-                    f"saving, the last good checkpoint is {last_saved or 'none (no checkpoint yet)'}"
-                )
-            for meters in (progress, window):
-                meters[name].add(results, self.model.tasks[name].config.batch_size)
-            last = step == config.max_steps
-            if step % config.log_every_steps == 0 or last:
-                rate = (step - start) / (time.perf_counter() - started)
-                logging.info(
-                    "step %d/%d  %s  | %.2f steps/s, eta %s, skipped images %d", step, config.max_steps,
-                    "  ".join(f"{n}: {m.describe()}" for n, m in progress.items() if m.window_steps),
-                    rate, _duration((config.max_steps - step) / rate), self.images.skipped.count,
-                )
-                for meter in progress.values():
-                    meter.reset_window()
-            if step % config.summary_every_steps == 0 or last:
-                with writer.as_default(step=step):
-                    self._write_summaries(window, image_summaries[name], name, batch)
-            if step % config.save_every_steps == 0 or last:
-                last_saved = self.save(step) or last_saved
-                if self.eval_images is not None:
-                    self._evaluate_and_log(step, writer)
+        # Workers of a multi-worker job could see a signal at different steps and then wait
+        # on each other's checkpoint reads forever; they rely on the periodic checkpoints.
+        stop = StopSignals(enabled=not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy))
+        with stop:
+            while step < config.max_steps and not stop.received:
+                name = self.schedule.task_at(step)
+                batch = pending.pop(name) if name in pending else next(iterators[name])
+                results = {k: float(v) for k, v in train_steps[name](batch).items()}
+                step += 1
+                if not all(math.isfinite(v) for v in results.values()):
+                    raise TrainingError(
+                        f"non-finite {name} loss/metrics {results} at step {step}; stopped without "
+                        f"saving, the last good checkpoint is {last_saved or 'none (no checkpoint yet)'}"
+                    )
+                for meters in (progress, window):
+                    meters[name].add(results, self.model.tasks[name].config.batch_size)
+                last = step == config.max_steps or stop.received
+                if step % config.log_every_steps == 0 or last:
+                    rate = (step - start) / (time.perf_counter() - started)
+                    logging.info(
+                        "step %d/%d  %s  | %.2f steps/s, eta %s, skipped images %d", step, config.max_steps,
+                        "  ".join(f"{n}: {m.describe()}" for n, m in progress.items() if m.window_steps),
+                        rate, _duration((config.max_steps - step) / rate), self.images.skipped.count,
+                    )
+                    for meter in progress.values():
+                        meter.reset_window()
+                if step % config.summary_every_steps == 0 or last:
+                    with writer.as_default(step=step):
+                        self._write_summaries(window, image_summaries[name], name, batch)
+                if step % config.save_every_steps == 0 or last:
+                    last_saved, saved_step = self.save(step) or last_saved, step
+                    if self.eval_images is not None and not stop.received:
+                        self._evaluate_and_log(step, writer)
+            if stop.received and step != saved_step:  # The signal came after this step's checks.
+                last_saved, saved_step = self.save(step) or last_saved, step
         writer.flush()
+        if stop.received:
+            self.stopped_by = stop.received
+            logging.warning("%s: stopped at step %d after saving %s; the same command resumes",
+                            stop.received.name, step, last_saved)
         return last_saved
 
     def _write_summaries(self, meters: dict[str, "Meter"], image_summary: Callable, name: str, batch: Batch) -> None:

@@ -73,7 +73,7 @@ def test_config_overrides_are_typed(plugin_path):
     cls = task_class("plugin_rotation:Rotation")
     config = make_config(cls, {"crop_size": "32", "loss_weight": "0.5"})
     assert (config.crop_size, config.loss_weight, config.batch_size) == (32, 0.5, 16)
-    with pytest.raises(MtssError, match="rotation.crop_size takes a int, got 'big'"):
+    with pytest.raises(MtssError, match="rotation.crop_size takes type int, got 'big'"):
         make_config(cls, {"crop_size": "big"})
     with pytest.raises(MtssError, match="has no setting 'crop'; settings: batch_size, crop_size, loss_weight"):
         make_config(cls, {"crop": "3"})

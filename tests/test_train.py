@@ -154,7 +154,7 @@ def corrupt_dir(tmp_path):
         (["--data", "{corrupt}"], ["none of the images in the 1 image file(s)", "{corrupt}"]),
         (["--data", "/no/such/photos"], ["/no/such/photos does not exist"]),
         (["--max_steps", "0"], ["--max_steps must be >= 1"]),
-        (["--task_param", "rp.batch_size=many"], ["rp.batch_size takes a int, got 'many'"]),
+        (["--task_param", "rp.batch_size=many"], ["rp.batch_size takes type int, got 'many'"]),
         (["--task_param", "rp.patchsize=64"], ["no setting 'patchsize'", "patch_size"]),
         (["--task_param", "rp_batch_size=4"], ["is not task.field=value"]),
         (["--task_param", "col.batch_size=4"], ["not in --tasks: ['col']"]),
@@ -209,3 +209,22 @@ def test_mixed_precision_keeps_float32_weights_and_checkpoints(tmp_path, precisi
     specs = checkpoints.read_specs(str(tmp_path))
     assert {str(spec.dtype) for name, spec in specs.items() if name != "global_step"} == {"float32"}
     assert not loader.load_feature_extractor(str(tmp_path), size="tiny").report.mismatched
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_terminated_run_checkpoints_its_current_step_and_resumes(tmp_path, stop_signal):
+    command = [sys.executable, "-m", "mtss_train", "--train_dir", str(tmp_path), *FAST,
+               "--max_steps", "100000", "--save_every_steps", "1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    deadline = time.time() + 240
+    for line in process.stderr:  # Progress lines, one per step with --log_every_steps 1.
+        if "step 3/100000" in line or time.time() > deadline:
+            break
+    process.send_signal(stop_signal)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + stop_signal, stderr[-2000:]
+    saved = global_step(tmp_path)
+    assert saved >= 3 and f"{stop_signal.name}: stopped at step {saved} after saving" in stderr
+    assert f"model.ckpt-{saved}" in stdout
+    resumed = train(tmp_path, "--max_steps", str(saved + 1))
+    assert resumed.returncode == 0 and f"at step {saved}" in resumed.stderr
