@@ -41,22 +41,22 @@ def test_bad_import_paths(plugin_path, spec, fragment):
         task_class(spec)
 
 
-def test_installed_entry_point_registers_a_task(tmp_path, monkeypatch):
-    dist = tmp_path / "mtss_plugin-1.0.dist-info"
+def install_plugin(site, monkeypatch, entry_point: str) -> None:
+    """Makes `site` look like site-packages holding a distribution with one task entry point."""
+    dist = site / "mtss_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mtss-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[mtss_train.tasks]\nrotation = plugin_rotation:Rotation\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(TESTS)
+    (dist / "entry_points.txt").write_text(f"[mtss_train.tasks]\n{entry_point}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
+def test_installed_entry_point_registers_a_task(tmp_path, monkeypatch, plugin_path):
+    install_plugin(tmp_path, monkeypatch, "rotation = plugin_rotation:Rotation")
     assert task_class("rotation").__name__ == "Rotation"
 
 
 def test_a_broken_plugin_names_itself(tmp_path, monkeypatch):
-    dist = tmp_path / "broken_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[mtss_train.tasks]\nbroken = no_such_plugin_module:Task\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "broken = no_such_plugin_module:Task")
     with pytest.raises(MtssError, match="plugin 'broken' = 'no_such_plugin_module:Task' failed to load"):
         task_class("anything_unregistered")
 
