@@ -79,6 +79,8 @@ class TrainConfig:
             if not ok:
                 raise MtssError(message)
         if self.task_weights is not None:
+            if self.schedule != "weighted":
+                raise MtssError("--task_weights needs --schedule weighted")
             if len(self.task_weights) != len(self.tasks) or min(self.task_weights) < 0 or not sum(self.task_weights) > 0:
                 raise MtssError(
                     f"--task_weights needs one non-negative weight per task ({len(self.tasks)}), "
