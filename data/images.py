@@ -117,26 +117,27 @@ class ImageSource:
             return np.zeros([0, 0, 3], np.uint8)
         return image
 
-    def _records(self) -> tf.data.Dataset:
+    def _records(self, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+        """Paths (kind 'files') or encoded images (TFRecords) of this shard's files."""
+        paths = tf.data.Dataset.from_tensor_slices(self.paths)
+        if shard[0] > 1:
+            paths = paths.shard(*shard)
         if self.kind == "files":
-            return tf.data.Dataset.from_tensor_slices(self.paths)
+            return paths
         feature = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
         # A truncated file or a record without the image key is dropped (with a logged
         # warning), not counted: tf.data cannot say which record failed.
-        return tf.data.TFRecordDataset(self.paths).map(
+        return tf.data.TFRecordDataset(paths).map(
             lambda record: tf.io.parse_single_example(record, feature)[TFRECORD_IMAGE_KEY],
             num_parallel_calls=tf.data.AUTOTUNE,
         ).ignore_errors(log_warning=True)
 
     def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
         """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline."""
-        records = self._records()
         num_shards, index = shard
-        if num_shards > len(self.paths):
-            seed += index  # Too few files to split: every pipeline reads all, in its own order.
-        elif num_shards > 1:
-            records = records.shard(num_shards, index)
-        records = records.shuffle(min(len(self.paths), 10_000) if self.kind == "files" else 1_000,
+        if num_shards > len(self.paths):  # Too few files to split: all read all, own order.
+            seed, shard = seed + index, (1, 0)
+        records = self._records(shard).shuffle(min(len(self.paths), 10_000) if self.kind == "files" else 1_000,
                                   seed=seed, reshuffle_each_iteration=True).repeat()
         images = records.map(
             lambda data: tf.ensure_shape(

@@ -117,3 +117,13 @@ def test_unusable_directories_fail_fast_naming_the_path(tmp_path, make, fragment
 def test_missing_path():
     with pytest.raises(DataError, match="/no/such/dir does not exist"):
         image_source("/no/such/dir", 32)
+
+
+def test_tfrecord_files_are_split_between_shards(tmp_path):
+    write_records(str(tmp_path / "a.tfrecord"), [png(skimage.data.coffee())] * 2)
+    write_records(str(tmp_path / "b.tfrecord"), [png(skimage.data.astronaut())] * 2)
+    source = image_source(str(tmp_path), 32)
+    shard_shapes = [
+        {tuple(i.shape) for i in source.dataset(seed=0, shard=(2, index)).take(4)} for index in range(2)
+    ]
+    assert shard_shapes == [{(400, 600, 3)}, {(512, 512, 3)}]
