@@ -11,7 +11,9 @@ import functools
 import itertools
 import math
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Iterator, Sequence
@@ -439,12 +441,22 @@ def _duration(seconds: float) -> str:
 
 
 def describe_outputs(train_dir: str, checkpoint: str | None, summary_dir: str) -> str:
-    """Where the results are and how to look at them."""
+    """Where the results are and commands to look at them that work from this shell."""
+    python = _runnable(sys.executable, "python")
+    tensorboard = _runnable(os.path.join(os.path.dirname(sys.executable), "tensorboard"), "tensorboard")
     return "\n".join([
         f"checkpoint:      {checkpoint}",
         f"config:          {os.path.join(train_dir, 'flags.json')}",
-        f"TensorBoard:     {summary_dir}   (view: tensorboard --logdir {summary_dir})",
-        f"inspect weights: python -m mtss_train.ckpt ls {train_dir}",
+        f"TensorBoard:     {summary_dir}   (view: {tensorboard} --logdir {summary_dir})",
+        f"inspect weights: {python} -m mtss_train.ckpt ls {train_dir}",
     ])
+
+
+def _runnable(path: str, name: str) -> str:
+    """`name` if the shell finds this very program by it, else its (relative if shorter) path."""
+    if shutil.which(name) and os.path.realpath(shutil.which(name)) == os.path.realpath(path):
+        return name
+    relative = os.path.relpath(path)
+    return relative if len(relative) < len(path) and not relative.startswith("..") else path
 
 
