@@ -4,6 +4,7 @@ With no --data it trains on the photos bundled with scikit-image. --smoke makes 
 enough for a laptop CPU (tiny trunk, 200 steps); drop it for the full-scale settings.
 """
 
+import dataclasses
 import sys
 
 from absl import app, flags
@@ -15,44 +16,58 @@ from mtss_train.errors import MtssError, cli_main
 from mtss_train.data.images import image_source
 from mtss_train.trainer import MIN_IMAGE_SIDE, Trainer, describe_outputs
 
-_TASKS = flags.DEFINE_list("tasks", ["rp"], "Tasks to train: registered names or module.path:Class.")
-_TRAIN_DIR = flags.DEFINE_string("train_dir", "runs/mtss", "Checkpoints, flags.json and logs/ go here.")
-_DATA = flags.DEFINE_string("data", None, "Image directory (recursive jpg/png) or TFRecords; default: bundled sample photos.")
-_TASK_PARAM = flags.DEFINE_multi_string("task_param", [], "Task setting as task.field=value, e.g. rp.batch_size=32.")
-_SCHEDULE = flags.DEFINE_enum("schedule", "round_robin", list(SCHEDULES), "How each step picks its task.")
-_TASK_WEIGHTS = flags.DEFINE_list("task_weights", None, "Sampling weight per task (with --schedule weighted).")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Total steps over all tasks (default 200000; 200 with --smoke).")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Small CPU run: tiny trunk, 200 steps, batch 8, frequent logs.")
-_TRUNK_SIZE = flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk: 101 (default) or tiny.")
-_OUTPUT_STRIDE = flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
-_OPTIMIZER = flags.DEFINE_enum("optimizer", "rmsprop", list(OPTIMIZERS), "Optimizer.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
-_LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", list(LR_SCHEDULES), "Learning-rate schedule.")
-_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps (cosine schedule).")
-_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Momentum (RMSProp and SGD).")
-_RMSPROP_DECAY = flags.DEFINE_float("rmsprop_decay", 0.9, "RMSProp decay of the squared-gradient average.")
-_RMSPROP_EPSILON = flags.DEFINE_float("rmsprop_epsilon", 1.0, "RMSProp epsilon (1.0 as in slim's train_image_classifier).")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay of conv weights.")
-_BATCH_NORM_DECAY = flags.DEFINE_float("batch_norm_decay", None, "BN moving-average decay (default 0.997; 0.9 with --smoke).")
-_CLIP_NORM = flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm; 0 = off.")
-_INIT_CHECKPOINT = flags.DEFINE_string("init_checkpoint", None, "Warm start (e.g. the released model) when train_dir has no checkpoint.")
-_EXCLUDE_SCOPES = flags.DEFINE_list("exclude_scopes", list(trunk.NOT_IN_TRUNK), "Variable scopes never warm-started.")
-_TRAINABLE_SCOPES = flags.DEFINE_list("trainable_scopes", [], "Train only variables under these scopes (default all).")
-_SAVE_EVERY = flags.DEFINE_integer("save_every_steps", None, "Checkpoint interval (default 1000; 100 with --smoke).")
-_KEEP = flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.")
-_SUMMARY_EVERY = flags.DEFINE_integer("summary_every_steps", None, "TensorBoard interval (default 100; 20 with --smoke).")
-_LOG_EVERY = flags.DEFINE_integer("log_every_steps", 10, "Console progress interval.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of data order, task schedule and augmentation.")
-_STRATEGY = flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
-_PRECISION = flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
-_EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out images: evaluated after every checkpoint (eval/ summaries).")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "Batches per task and evaluation.", lower_bound=1)
+
+def _default(name: str):
+    """TrainConfig's default for a setting: flags show it, the dataclass owns it."""
+    field = TrainConfig.__dataclass_fields__[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
 
 # Short runs need fast BN moving averages, or inference-mode outputs lag far behind.
 _SMOKE_DEFAULTS = {"max_steps": 200, "trunk_size": "tiny", "save_every_steps": 100,
                    "summary_every_steps": 20, "batch_norm_decay": 0.9}
-_FULL_DEFAULTS = {"max_steps": 200_000, "trunk_size": "101", "save_every_steps": 1000,
-                  "summary_every_steps": 100, "batch_norm_decay": 0.997}
+_FULL_DEFAULTS = {key: _default(key) for key in _SMOKE_DEFAULTS}
+_SMOKE_BATCH_SIZE = 8  # Per task, unless --task_param sets it.
+
+
+def _defaults(key: str) -> str:
+    return f"default {_FULL_DEFAULTS[key]}; {_SMOKE_DEFAULTS[key]} with --smoke"
+
+
+_TASKS = flags.DEFINE_list("tasks", ["rp"], "Tasks to train: registered names or module.path:Class.")
+_TRAIN_DIR = flags.DEFINE_string("train_dir", "runs/mtss", "Checkpoints, flags.json and logs/ go here.")
+_DATA = flags.DEFINE_string("data", None, "Image directory (recursive jpg/png) or TFRecords; default: bundled sample photos.")
+_TASK_PARAM = flags.DEFINE_multi_string("task_param", [], "Task setting as task.field=value, e.g. rp.batch_size=32.")
+_SCHEDULE = flags.DEFINE_enum("schedule", _default("schedule"), list(SCHEDULES), "How each step picks its task.")
+_TASK_WEIGHTS = flags.DEFINE_list("task_weights", None, "Sampling weight per task (with --schedule weighted).")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, f"Total steps over all tasks ({_defaults('max_steps')}).")
+_SMOKE = flags.DEFINE_bool("smoke", False, f"Small CPU run: tiny trunk, {_SMOKE_DEFAULTS['max_steps']} steps, batch {_SMOKE_BATCH_SIZE}, frequent logs.")
+_TRUNK_SIZE = flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), f"Trunk ({_defaults('trunk_size')}).")
+_OUTPUT_STRIDE = flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", _default("optimizer"), list(OPTIMIZERS), "Optimizer.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", _default("learning_rate"), "Peak learning rate.")
+_LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", _default("lr_schedule"), list(LR_SCHEDULES), "Learning-rate schedule.")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", _default("warmup_steps"), "Linear warm-up steps (cosine schedule).")
+_MOMENTUM = flags.DEFINE_float("momentum", _default("momentum"), "Momentum (RMSProp and SGD).")
+_RMSPROP_DECAY = flags.DEFINE_float("rmsprop_decay", _default("rmsprop_decay"), "RMSProp decay of the squared-gradient average.")
+_RMSPROP_EPSILON = flags.DEFINE_float("rmsprop_epsilon", _default("rmsprop_epsilon"), "RMSProp epsilon (1.0 as in slim's train_image_classifier).")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", _default("weight_decay"), "L2 weight decay of conv weights.")
+_BATCH_NORM_DECAY = flags.DEFINE_float("batch_norm_decay", None, f"BN moving-average decay ({_defaults('batch_norm_decay')}).")
+_CLIP_NORM = flags.DEFINE_float("clip_norm", _default("clip_norm"), "Clip gradients to this global norm; 0 = off.")
+_INIT_CHECKPOINT = flags.DEFINE_string("init_checkpoint", None, "Warm start (e.g. the released model) when train_dir has no checkpoint.")
+_EXCLUDE_SCOPES = flags.DEFINE_list("exclude_scopes", _default("exclude_scopes"), "Variable scopes never warm-started.")
+_TRAINABLE_SCOPES = flags.DEFINE_list("trainable_scopes", _default("trainable_scopes"), "Train only variables under these scopes (default all).")
+_SAVE_EVERY = flags.DEFINE_integer("save_every_steps", None, f"Checkpoint interval ({_defaults('save_every_steps')}).")
+_KEEP = flags.DEFINE_integer("keep_checkpoints", _default("keep_checkpoints"), "Checkpoints kept.")
+_SUMMARY_EVERY = flags.DEFINE_integer("summary_every_steps", None, f"TensorBoard interval ({_defaults('summary_every_steps')}).")
+_LOG_EVERY = flags.DEFINE_integer("log_every_steps", _default("log_every_steps"), "Console progress interval.")
+_SEED = flags.DEFINE_integer("seed", _default("seed"), "Seed of data order, task schedule and augmentation.")
+_STRATEGY = flags.DEFINE_enum("strategy", _default("strategy"), list(STRATEGIES), "tf.distribute strategy.")
+_PRECISION = flags.DEFINE_enum("precision", _default("precision"), list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
+_EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out images: evaluated after every checkpoint (eval/ summaries).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "Batches per task and evaluation.", lower_bound=1)
+
+
 
 
 def parse_task_params(values: list[str]) -> dict[str, dict[str, str]]:
@@ -72,7 +87,7 @@ def config_from_flags() -> TrainConfig:
     params = parse_task_params(_TASK_PARAM.value)
     if _SMOKE.value:
         for task in _TASKS.value:
-            params.setdefault(task, {}).setdefault("batch_size", "8")
+            params.setdefault(task, {}).setdefault("batch_size", str(_SMOKE_BATCH_SIZE))
     try:
         weights = [float(w) for w in _TASK_WEIGHTS.value] if _TASK_WEIGHTS.value else None
     except ValueError:
