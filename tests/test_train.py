@@ -229,3 +229,17 @@ def test_a_terminated_run_checkpoints_its_current_step_and_resumes(tmp_path, sto
     assert f"model.ckpt-{saved}" in stdout
     resumed = train(tmp_path, "--max_steps", str(saved + 1))
     assert resumed.returncode == 0 and f"at step {saved}" in resumed.stderr
+
+
+def test_resume_restores_model_step_and_optimizer_state_exactly(tmp_path):
+    config = dict(train_dir=str(tmp_path), tasks=["rp"], task_params={"rp": {"batch_size": "2"}},
+                  trunk_size="tiny", save_every_steps=3, summary_every_steps=3)
+    Trainer(TrainConfig(max_steps=3, **config)).train()
+    saved = checkpoints.read_tensors(str(tmp_path))
+    resumed = Trainer(TrainConfig(max_steps=5, **config))
+    resumed.evaluate(resumed.images, batches=1)  # Builds and restores; does not train.
+    state = resumed.state_variables()
+    assert set(state) == set(saved)
+    assert any(n.startswith("optimizer/") and "/rp_head/" in n for n in state)
+    for name, variable in state.items():
+        np.testing.assert_array_equal(variable.numpy(), saved[name], err_msg=name)
