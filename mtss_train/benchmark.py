@@ -14,7 +14,7 @@ plus the peak resident memory of the process.
 
 import resource
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import app, flags
 
@@ -22,6 +22,7 @@ from mtss_train import trunk
 from mtss_train.compat import tf
 from mtss_train.config import TrainConfig
 from mtss_train.errors import cli_main
+from mtss_train.task import Batch, Task
 from mtss_train.trainer import Trainer
 
 _TASKS = flags.DEFINE_list("tasks", ["rp"], "Tasks to measure.")
@@ -43,6 +44,27 @@ def steps_per_second(run_once: Callable[[], object], steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def measure_task(trainer: Trainer, task: Task, batch: Batch, iterator: Iterator, steps: int) -> dict[str, float]:
+    """Batches/s of the task's input, bare trunk, trainer step, and step fed by `iterator`."""
+    train_step = trainer._make_train_step(task.name)
+    trunk_variables = trainer.model.trunk.trainable_variables
+
+    @tf.function
+    def bare_trunk() -> list[tf.Tensor]:
+        with tf.GradientTape() as tape:
+            features = trainer.model.trunk(task.trunk_images(batch), training=True)
+            loss = tf.reduce_mean(features)
+        return tape.gradient(loss, trunk_variables)
+
+    pipeline = iter(task.make_dataset(trainer.images.dataset(seed=1), _BATCH_SIZE.value, seed=1))
+    return {
+        "input": steps_per_second(lambda: next(pipeline), steps),
+        "trunk": steps_per_second(bare_trunk, steps),
+        "step": steps_per_second(lambda: train_step(batch), steps),
+        "trained": steps_per_second(lambda: train_step(next(iterator)), steps),
+    }
+
+
 def main(argv: list[str]) -> None:
     del argv
     config = TrainConfig(
@@ -57,24 +79,7 @@ def main(argv: list[str]) -> None:
     print(f"trunk {config.trunk_size}, batch {_BATCH_SIZE.value}, {_STEPS.value} steps, "
           f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op threads")
     for task in trainer.tasks:
-        batch = batches[task.name]
-        train_step = trainer._make_train_step(task.name)
-        trunk_variables = trainer.model.trunk.trainable_variables
-
-        @tf.function
-        def bare_trunk(batch=batch, task=task):
-            with tf.GradientTape() as tape:
-                features = trainer.model.trunk(task.trunk_images(batch), training=True)
-                loss = tf.reduce_mean(features)
-            return tape.gradient(loss, trunk_variables)
-
-        pipeline = iter(task.make_dataset(trainer.images.dataset(seed=1), _BATCH_SIZE.value, seed=1))
-        rates = {
-            "input": steps_per_second(lambda: next(pipeline), _STEPS.value),
-            "trunk": steps_per_second(bare_trunk, _STEPS.value),
-            "step": steps_per_second(lambda: train_step(batch), _STEPS.value),
-            "trained": steps_per_second(lambda: train_step(next(iterators[task.name])), _STEPS.value),
-        }
+        rates = measure_task(trainer, task, batches[task.name], iterators[task.name], _STEPS.value)
         print(f"{task.name}: " + "  ".join(f"{k} {v:.2f} batches/s" for k, v in rates.items()))
         print(f"{task.name}: step/trunk time {rates['trunk'] / rates['step']:.2f}x  "
               f"input/trained rate {rates['input'] / rates['trained']:.2f}x")
