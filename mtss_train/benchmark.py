@@ -56,7 +56,7 @@ def measure_task(trainer: Trainer, task: Task, batch: Batch, iterator: Iterator,
             loss = tf.reduce_mean(features)
         return tape.gradient(loss, trunk_variables)
 
-    pipeline = iter(task.make_dataset(trainer.images.dataset(seed=1), _BATCH_SIZE.value, seed=1))
+    pipeline = iter(task.make_dataset(trainer.images.dataset(seed=1), task.config.batch_size, seed=1))
     return {
         "input": steps_per_second(lambda: next(pipeline), steps),
         "trunk": steps_per_second(bare_trunk, steps),
