@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 from mtss_train import checkpoints, trunk
 from mtss_train.checkpoints import RestoreReport, TensorSpec
-from mtss_train.compat import slim, tf
+from mtss_train.compat import tf
 from mtss_train.slim_layer import SlimLayer, slim_name
 
 
@@ -85,16 +85,7 @@ class FeatureExtractor:
 
 def trunk_layer(size: str = "101", output_stride: int | None = None) -> SlimLayer:
     """A built TF2 layer (variables created) mapping VGG-preprocessed images to block3."""
-    blocks = trunk.trunk_blocks(size)
-
-    def net_fn(images: tf.Tensor, is_training: bool) -> tf.Tensor:
-        with slim.arg_scope(trunk.trunk_arg_scope()):
-            block3, _ = trunk.resnet_v2_101_block3(
-                images, is_training, output_stride=output_stride, blocks=blocks
-            )
-        return block3
-
-    layer = SlimLayer(net_fn, name="trunk")
+    layer = SlimLayer(trunk.block3_net(size, output_stride), name="trunk")
     layer(tf.zeros([1, 64, 64, 3]), training=False)  # Creates the variables.
     return layer
 

@@ -27,14 +27,6 @@ class MultiTaskModel:
     ):
         self.tasks = {t.name: t for t in tasks}
         arg_scope = functools.partial(trunk.trunk_arg_scope, weight_decay, batch_norm_decay)
-        blocks = trunk.trunk_blocks(trunk_size)
-
-        def trunk_fn(images: tf.Tensor, is_training: bool) -> tf.Tensor:
-            with slim.arg_scope(arg_scope()):
-                block3, _ = trunk.resnet_v2_101_block3(
-                    images, is_training, output_stride=output_stride, blocks=blocks
-                )
-            return block3
 
         def head_fn(block3: tf.Tensor, is_training: bool, task: Task, batch: Batch) -> dict:
             with slim.arg_scope(arg_scope()), slim.arg_scope(
@@ -42,7 +34,10 @@ class MultiTaskModel:
             ), tf.compat.v1.variable_scope(task.head_scope):
                 return task.head(block3, batch, is_training)
 
-        self.trunk = SlimLayer(trunk_fn, name="trunk", dtype=dtype_policy)
+        self.trunk = SlimLayer(
+            trunk.block3_net(trunk_size, output_stride, weight_decay, batch_norm_decay),
+            name="trunk", dtype=dtype_policy,
+        )
         self.heads = {
             t.name: SlimLayer(functools.partial(head_fn, task=t), name=t.head_scope, dtype=dtype_policy)
             for t in tasks

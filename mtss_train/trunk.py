@@ -20,7 +20,7 @@ Usage (TF1 graph or inside `mtss_train.slim_layer.SlimLayer`):
 [2] He, Zhang, Ren, Sun. Identity Mappings in Deep Residual Networks. ECCV 2016.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tf_slim.nets import resnet_utils, resnet_v2
 
@@ -117,3 +117,21 @@ def resnet_v2_101_block3(
             # Eager calls all share one global graph, whose collection would grow forever.
             tf.compat.v1.get_default_graph().clear_collection(end_points_collection)
     return net, end_points
+
+
+def block3_net(
+    size: str = "101",
+    output_stride: int | None = None,
+    weight_decay: float = 1e-4,
+    batch_norm_decay: float = 0.997,
+) -> Callable[[tf.Tensor, bool], tf.Tensor]:
+    """The trunk as a net function `(images, is_training) -> block3` for `SlimLayer`,
+    built under `trunk_arg_scope(weight_decay, batch_norm_decay)`."""
+    blocks = trunk_blocks(size)
+
+    def net(images: tf.Tensor, is_training: bool) -> tf.Tensor:
+        with slim.arg_scope(trunk_arg_scope(weight_decay, batch_norm_decay)):
+            block3, _ = resnet_v2_101_block3(images, is_training, output_stride=output_stride, blocks=blocks)
+        return block3
+
+    return net
