@@ -5,33 +5,23 @@ parallel map scales) because a corrupt or vanished file must be skipped and coun
 abort the pipeline, which TF's read/decode ops can only do by dropping errors silently.
 """
 
-import glob
+import fnmatch
+import hashlib
 import os
-import threading
 
 import cv2
 import numpy as np
+from absl import logging
 
 from mtss_train.compat import tf
 from mtss_train.data import sample
+from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 TFRECORD_PATTERNS = ("*.tfrecord", "*.tfrecords", "*.tfrecord-*", "*.tfrecords-*")
 # The feature key of encoded images in TFRecords (as written by tensorflow/models slim).
 TFRECORD_IMAGE_KEY = "image/encoded"
-
-
-class SkipCounter:
-    """Counts images the pipeline skipped (unreadable or too small), thread-safely."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def add(self) -> None:
-        with self._lock:
-            self.count += 1
 
 
 def find_sources(path: str) -> tuple[str, list[str]]:
@@ -45,22 +35,36 @@ def find_sources(path: str) -> tuple[str, list[str]]:
     if os.path.isfile(path):
         kind = "files" if path.lower().endswith(IMAGE_EXTENSIONS) else "tfrecords"
         return kind, [path]
-    records = sorted(
-        p for pattern in TFRECORD_PATTERNS for p in glob.glob(os.path.join(path, "**", pattern), recursive=True)
-    )
+    files = walk_files(path)
+    records = sorted(p for p in files if any(fnmatch.fnmatch(os.path.basename(p), t) for t in TFRECORD_PATTERNS))
     if records:
         return "tfrecords", records
-    files = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(path, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    files = sorted(p for p in files if p.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise DataError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) or TFRecords under {path}"
         )
     return "files", files
+
+
+def walk_files(path: str) -> list[str]:
+    """Every file under `path`, following directory links but entering each real
+    directory once: a link back up the tree (`ln -s . loop`) would otherwise recurse
+    forever. Skipped links are logged with their count."""
+    seen: set[str] = set()
+    skipped: list[str] = []
+    files = []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            skipped.append(root)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files.extend(os.path.join(root, name) for name in names)
+    if skipped:
+        logging.warning("%s: skipped %d linked directories already listed (e.g. %s)", path, len(skipped), skipped[0])
+    return files
 
 
 def decode_rgb(encoded: bytes, min_side: int) -> np.ndarray | None:
@@ -113,7 +117,7 @@ class ImageSource:
         """`data` is a file path (kind 'files') or encoded bytes (TFRecords)."""
         image = decode_rgb(read_file(data) if self.kind == "files" else data, self.min_side)
         if image is None:
-            self.skipped.add()
+            self.skipped.add(data.decode() if self.kind == "files" else hashlib.sha1(data).hexdigest())
             return np.zeros([0, 0, 3], np.uint8)
         return image
 

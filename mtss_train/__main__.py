@@ -4,7 +4,11 @@ With no --data it trains on the photos bundled with scikit-image. --smoke makes 
 enough for a laptop CPU (tiny trunk, 200 steps); drop it for the full-scale settings.
 """
 
+from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+
 import dataclasses
+import os
+import shutil
 import sys
 
 from absl import app, flags
@@ -13,8 +17,7 @@ from mtss_train import trunk
 from mtss_train.compat import tf
 from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig
 from mtss_train.errors import MtssError, cli_main
-from mtss_train.data.images import image_source
-from mtss_train.trainer import MIN_IMAGE_SIDE, Trainer, describe_outputs
+from mtss_train.trainer import Trainer
 
 
 def _default(name: str):
@@ -65,9 +68,7 @@ _SEED = flags.DEFINE_integer("seed", _default("seed"), "Seed of data order, task
 _STRATEGY = flags.DEFINE_enum("strategy", _default("strategy"), list(STRATEGIES), "tf.distribute strategy.")
 _PRECISION = flags.DEFINE_enum("precision", _default("precision"), list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out images: evaluated after every checkpoint (eval/ summaries).")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "Batches per task and evaluation.", lower_bound=1)
-
-
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", _default("eval_batches"), "Batches per task and evaluation.", lower_bound=1)
 
 
 def parse_task_params(values: list[str]) -> dict[str, dict[str, str]]:
@@ -94,6 +95,7 @@ def config_from_flags() -> TrainConfig:
         raise MtssError(f"--task_weights takes numbers, got {_TASK_WEIGHTS.value}") from None
     return TrainConfig(
         train_dir=_TRAIN_DIR.value, tasks=_TASKS.value, task_params=params, data=_DATA.value,
+        eval_data=_EVAL_DATA.value, eval_batches=_EVAL_BATCHES.value,
         schedule=_SCHEDULE.value, task_weights=weights, max_steps=pick(_MAX_STEPS, "max_steps"),
         trunk_size=pick(_TRUNK_SIZE, "trunk_size"),
         output_stride=int(_OUTPUT_STRIDE.value) if _OUTPUT_STRIDE.value else None,
@@ -115,13 +117,32 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
-    eval_images = image_source(_EVAL_DATA.value, MIN_IMAGE_SIDE) if _EVAL_DATA.value else None
-    trainer = Trainer(config_from_flags(), eval_images, _EVAL_BATCHES.value)
+    trainer = Trainer(config_from_flags())
     checkpoint = trainer.train()
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
     if trainer.stopped_by:
         sys.exit(128 + trainer.stopped_by)  # The shell's convention for "ended by signal N".
+
+
+def describe_outputs(train_dir: str, checkpoint: str | None, summary_dir: str) -> str:
+    """Where the results are and commands to look at them that work from this shell."""
+    python = _runnable(sys.executable, "python")
+    tensorboard = _runnable(os.path.join(os.path.dirname(sys.executable), "tensorboard"), "tensorboard")
+    return "\n".join([
+        f"checkpoint:      {checkpoint}",
+        f"config:          {os.path.join(train_dir, 'flags.json')}",
+        f"TensorBoard:     {summary_dir}   (view: {tensorboard} --logdir {summary_dir})",
+        f"inspect weights: {python} -m mtss_train.ckpt ls {train_dir}",
+    ])
+
+
+def _runnable(path: str, name: str) -> str:
+    """`name` if the shell finds this very program by it, else its (relative if shorter) path."""
+    if shutil.which(name) and os.path.realpath(shutil.which(name)) == os.path.realpath(path):
+        return name
+    relative = os.path.relpath(path)
+    return relative if len(relative) < len(path) and not relative.startswith("..") else path
 
 
 def run() -> None:

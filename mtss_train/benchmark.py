@@ -12,6 +12,8 @@ input/trained (above 1: the pipeline outruns training; below 1: training waits f
 plus the peak resident memory of the process.
 """
 
+from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+
 import resource
 import time
 from typing import Callable, Iterator
@@ -46,17 +48,18 @@ def steps_per_second(run_once: Callable[[], object], steps: int) -> float:
 
 def measure_task(trainer: Trainer, task: Task, batch: Batch, iterator: Iterator, steps: int) -> dict[str, float]:
     """Batches/s of the task's input, bare trunk, trainer step, and step fed by `iterator`."""
-    train_step = trainer._make_train_step(task.name)
+    train_step = trainer.runner.train_step(task.name)
     trunk_variables = trainer.model.trunk.trainable_variables
 
     @tf.function
     def bare_trunk() -> list[tf.Tensor]:
         with tf.GradientTape() as tape:
-            features = trainer.model.trunk(task.trunk_images(batch), training=True)
+            features, _ = trainer.model.features(task.name, batch, training=True)
             loss = tf.reduce_mean(features)
         return tape.gradient(loss, trunk_variables)
 
-    pipeline = iter(task.make_dataset(trainer.images.dataset(seed=1), task.config.batch_size, seed=1))
+    source = trainer.sources[task.name].dataset(seed=1)
+    pipeline = iter(task.make_dataset(source, task.config.batch_size, seed=1))
     return {
         "input": steps_per_second(lambda: next(pipeline), steps),
         "trunk": steps_per_second(bare_trunk, steps),
@@ -73,9 +76,9 @@ def main(argv: list[str]) -> None:
         task_params={t: {"batch_size": str(_BATCH_SIZE.value)} for t in _TASKS.value},
     )
     trainer = Trainer(config)
-    iterators = trainer._iterators(start_step=0)
+    iterators = trainer.iterators(trainer.sources, seed=0)
     batches = {t.name: next(iterators[t.name]) for t in trainer.tasks}
-    trainer._prepare(batches)
+    trainer.prepare(batches)
     print(f"trunk {config.trunk_size}, batch {_BATCH_SIZE.value}, {_STEPS.value} steps, "
           f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op threads")
     for task in trainer.tasks:

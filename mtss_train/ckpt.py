@@ -9,6 +9,8 @@ CKPT is a checkpoint prefix, one of its files, or a directory (its latest checkp
 dtype differs, i.e. what a warm start or the released README recipe needs.
 """
 
+from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+
 import collections
 from typing import Iterable, Mapping
 

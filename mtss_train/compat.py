@@ -19,14 +19,10 @@ import slim, tf`. Delete this module once tf_slim ships a release that imports c
 import importlib
 import os
 import sys
-import warnings
 
+# The one piece of process-wide state the library sets: without it nothing works (above).
+# Log levels and warning filters are the programs' business (mtss_train.cli).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# slim layers run through the legacy Keras layer machinery, which warns on every call about
-# `apply`/`updates` it uses itself; the warnings are not actionable for users.
-warnings.filterwarnings("ignore", r"`layer\.(apply|updates)`", UserWarning)
 
 _MOVED_MODULES = ("legacy_tf_layers", "legacy_tf_layers.normalization")
 for _name in _MOVED_MODULES:

@@ -24,7 +24,9 @@ class TrainConfig:
     train_dir: str
     tasks: list[str]
     task_params: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    data: str | None = None  # None: the embedded sample photos.
+    data: str | None = None  # Shared images; None: the embedded sample photos.
+    eval_data: str | None = None  # Held-out shared images, evaluated after every checkpoint.
+    eval_batches: int = 10  # Batches per task and evaluation.
     schedule: str = "round_robin"
     task_weights: list[float] | None = None
     max_steps: int = 200_000
@@ -74,6 +76,7 @@ class TrainConfig:
             (0 <= self.batch_norm_decay < 1, "--batch_norm_decay must be in [0, 1)"),
             (min(self.save_every_steps, self.summary_every_steps, self.log_every_steps,
                  self.keep_checkpoints) >= 1, "step intervals and --keep_checkpoints must be >= 1"),
+            (self.eval_batches >= 1, "--eval_batches must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -77,14 +77,15 @@ class FeatureExtractor:
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
     def _features(self, images: tf.Tensor) -> tf.Tensor:
-        return self.layer(trunk.vgg_preprocess(images), training=False)
+        block3, _ = self.layer(trunk.vgg_preprocess(images), training=False)
+        return block3
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         return self._features(tf.cast(images, tf.float32))
 
 
 def trunk_layer(size: str = "101", output_stride: int | None = None) -> SlimLayer:
-    """A built TF2 layer (variables created) mapping VGG-preprocessed images to block3."""
+    """A built TF2 layer (variables created): VGG-preprocessed images -> (block3, end_points)."""
     layer = SlimLayer(trunk.block3_net(size, output_stride), name="trunk")
     layer(tf.zeros([1, 64, 64, 3]), training=False)  # Creates the variables.
     return layer

@@ -14,6 +14,10 @@ class MultiTaskModel:
 
     Separate layers keep each head's weight-decay losses apart, so a step of one task
     decays the trunk and its own head, never the idle heads of other tasks.
+
+    Every task's images reach the trunk through `trunk_input` (VGG preprocessing), and
+    the trunk runs at the task's own output stride (`config.output_stride`, else
+    `output_stride`) over one set of variables.
     """
 
     def __init__(
@@ -26,27 +30,36 @@ class MultiTaskModel:
         dtype_policy: str = "float32",
     ):
         self.tasks = {t.name: t for t in tasks}
+        self.output_strides = {t.name: t.config.output_stride or output_stride for t in tasks}
         arg_scope = functools.partial(trunk.trunk_arg_scope, weight_decay, batch_norm_decay)
 
-        def head_fn(block3: tf.Tensor, is_training: bool, task: Task, batch: Batch) -> dict:
+        def head_fn(block3: tf.Tensor, is_training: bool, task: Task, end_points: dict, batch: Batch) -> dict:
             with slim.arg_scope(arg_scope()), slim.arg_scope(
                 [slim.batch_norm], is_training=is_training
             ), tf.compat.v1.variable_scope(task.head_scope):
-                return task.head(block3, batch, is_training)
+                return task.head(block3, end_points, batch, is_training)
 
         self.trunk = SlimLayer(
-            trunk.block3_net(trunk_size, output_stride, weight_decay, batch_norm_decay),
-            name="trunk", dtype=dtype_policy,
+            trunk.block3_net(trunk_size, None, weight_decay, batch_norm_decay), name="trunk", dtype=dtype_policy,
         )
         self.heads = {
             t.name: SlimLayer(functools.partial(head_fn, task=t), name=t.head_scope, dtype=dtype_policy)
             for t in tasks
         }
 
+    def trunk_input(self, task_name: str, batch: Batch) -> tf.Tensor:
+        """What the trunk sees for a batch of `task_name`: its images, VGG-preprocessed."""
+        return trunk.vgg_preprocess(self.tasks[task_name].trunk_images(batch))
+
+    def features(self, task_name: str, batch: Batch, training: bool) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """(block3, trunk end points) for a batch of `task_name`, at its output stride."""
+        return self.trunk(
+            self.trunk_input(task_name, batch), training=training, output_stride=self.output_strides[task_name]
+        )
+
     def __call__(self, task_name: str, batch: Batch, training: bool) -> dict[str, tf.Tensor]:
-        task = self.tasks[task_name]
-        block3 = self.trunk(task.trunk_images(batch), training=training)
-        return self.heads[task_name](block3, training=training, batch=batch)
+        block3, end_points = self.features(task_name, batch, training)
+        return self.heads[task_name](block3, training=training, end_points=end_points, batch=batch)
 
     def regularization_loss(self, task_name: str) -> tf.Tensor:
         losses = [tf.cast(loss, tf.float32) for loss in self.trunk.losses + self.heads[task_name].losses]

@@ -124,14 +124,22 @@ def block3_net(
     output_stride: int | None = None,
     weight_decay: float = 1e-4,
     batch_norm_decay: float = 0.997,
-) -> Callable[[tf.Tensor, bool], tf.Tensor]:
-    """The trunk as a net function `(images, is_training) -> block3` for `SlimLayer`,
-    built under `trunk_arg_scope(weight_decay, batch_norm_decay)`."""
-    blocks = trunk_blocks(size)
+) -> Callable[..., tuple[tf.Tensor, dict[str, tf.Tensor]]]:
+    """The trunk as a net function for `SlimLayer`, built under
+    `trunk_arg_scope(weight_decay, batch_norm_decay)`:
 
-    def net(images: tf.Tensor, is_training: bool) -> tf.Tensor:
+        net(images, is_training, output_stride=output_stride) -> (block3, end_points)
+
+    `images` are VGG-preprocessed. `output_stride` may be given per call: each value builds
+    block3 at that stride over the same variables (one trace per value under tf.function).
+    """
+    blocks = trunk_blocks(size)
+    default_stride = output_stride
+
+    def net(
+        images: tf.Tensor, is_training: bool, output_stride: int | None = default_stride
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
         with slim.arg_scope(trunk_arg_scope(weight_decay, batch_norm_decay)):
-            block3, _ = resnet_v2_101_block3(images, is_training, output_stride=output_stride, blocks=blocks)
-        return block3
+            return resnet_v2_101_block3(images, is_training, output_stride=output_stride, blocks=blocks)
 
     return net

@@ -14,7 +14,6 @@ about a third of the patches (down to ~100 pixels) and back up.
 import dataclasses
 import math
 
-from mtss_train import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.errors import MtssError
 from mtss_train.task import Batch, Task, TaskConfig, register_task
@@ -132,11 +131,11 @@ class RelativePosition(Task):
         return tf.clip_by_value(patch, 0.0, 255.0)
 
     def trunk_images(self, batch: Batch) -> tf.Tensor:
-        patches = batch["patches"]
         p = self.config.patch_size
-        return trunk.vgg_preprocess(tf.reshape(patches, [-1, p, p, 3]))  # Pairs fold into batch.
+        return tf.reshape(batch["patches"], [-1, p, p, 3])  # Pairs fold into the batch.
 
-    def head(self, block3: tf.Tensor, batch: Batch, is_training: bool) -> dict[str, tf.Tensor]:
+    def head(self, block3: tf.Tensor, end_points: dict[str, tf.Tensor], batch: Batch,
+             is_training: bool) -> dict[str, tf.Tensor]:
         width = self.config.head_width
         # Pre-activation block3 is a raw residual sum: normalise it first, as slim's postnorm.
         net = slim.batch_norm(block3, activation_fn=tf.nn.relu, scope="preact")

@@ -6,7 +6,6 @@ to show that a new task needs one module and no edit of mtss_train.
 
 import dataclasses
 
-from mtss_train import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.task import Batch, Task, TaskConfig
 
@@ -35,9 +34,10 @@ class Rotation(Task):
         return numbered.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
 
     def trunk_images(self, batch: Batch) -> tf.Tensor:
-        return trunk.vgg_preprocess(batch["image"])
+        return batch["image"]
 
-    def head(self, block3: tf.Tensor, batch: Batch, is_training: bool) -> dict[str, tf.Tensor]:
+    def head(self, block3: tf.Tensor, end_points: dict[str, tf.Tensor], batch: Batch,
+             is_training: bool) -> dict[str, tf.Tensor]:
         net = slim.batch_norm(block3, activation_fn=tf.nn.relu, scope="preact")
         net = tf.reduce_mean(net, [1, 2], keepdims=True)
         logits = slim.conv2d(net, 4, [1, 1], activation_fn=None, normalizer_fn=None, scope="logits")

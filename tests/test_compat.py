@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -26,3 +27,22 @@ def test_compat_selects_legacy_keras_for_tf1_style_tracking():
 
     assert compat.tf.keras is compat.tf_keras or compat.tf.keras.__name__.startswith("tf_keras")
     assert callable(compat.track_tf1_style_variables)
+
+
+def test_importing_the_library_leaves_log_levels_and_warning_filters_alone():
+    code = (
+        "import os, warnings\n"
+        "import tensorflow\n"
+        "environment = dict(os.environ)\n"
+        "import mtss_train.trainer, mtss_train.tasks, mtss_train.loader\n"
+        "added = sorted(set(os.environ) - set(environment))\n"
+        "assert added == ['TF_USE_LEGACY_KERAS'], added\n"
+        "ours = [f for f in warnings.filters if f[1] is not None and 'layer' in f[1].pattern]\n"
+        "assert not ours, ours\n"
+        "import mtss_train.cli\n"  # The programs' settings, for contrast.
+        "assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '2'\n"
+        "assert [f for f in warnings.filters if f[1] is not None and 'layer' in f[1].pattern]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("TF_")})
+    assert result.returncode == 0, result.stderr[-2000:]

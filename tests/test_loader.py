@@ -33,7 +33,7 @@ def test_our_checkpoint_restores_the_readme_way_with_identical_block3(tmp_path, 
     layer = loader.trunk_layer("101")
     # Non-trivial BN statistics, so a restore that skips them would show.
     tf.function(lambda x: layer(x, training=True))(trunk.vgg_preprocess(images))
-    expected = layer(trunk.vgg_preprocess(images), training=False).numpy()
+    expected = layer(trunk.vgg_preprocess(images), training=False)[0].numpy()
     checkpoints.save(str(tmp_path), layer.variables_by_name(), step=1)
 
     features, report = readme_graph_block3(str(tmp_path), images)
@@ -84,7 +84,7 @@ def test_tiny_round_trip_through_tf1_graph(tmp_path, tiny_trunk, images):
             restore(sess)  # No initializer: every variable must come from the checkpoint.
             features = sess.run(block3, {inputs: images})
     assert report.missing_in_checkpoint == []
-    assert_same_features(features, tiny_trunk(trunk.vgg_preprocess(images), training=False).numpy())
+    assert_same_features(features, tiny_trunk(trunk.vgg_preprocess(images), training=False)[0].numpy())
 
 
 def test_graph_helper_fails_loudly_when_a_trunk_variable_is_missing(tmp_path, tiny_trunk):

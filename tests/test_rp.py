@@ -131,7 +131,7 @@ def test_pipeline_is_deterministic_given_a_seed(sample_images):
 def test_head_gives_eight_logits_per_pair():
     with tf.Graph().as_default():
         block3 = tf.compat.v1.placeholder(tf.float32, [6, 2, 2, 128])  # Three pairs.
-        logits = rp_task().head(block3, {}, is_training=False)["logits"]
+        logits = rp_task().head(block3, {}, {}, is_training=False)["logits"]
     assert logits.shape.as_list() == [3, 8]
 
 

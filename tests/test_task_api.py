@@ -3,14 +3,16 @@
 import collections
 import dataclasses
 import os
+from typing import Optional
 
 import pytest
 
 from mtss_train.config import TrainConfig, build_tasks
 from mtss_train.errors import MtssError
 from mtss_train.registry import Registry
-from mtss_train.task import Task, make_config, task_class
-from mtss_train.trainer import TaskSchedule, make_learning_rate, make_optimizer
+from mtss_train.task import Task, TaskConfig, make_config, task_class
+from mtss_train.optim import make_learning_rate, make_optimizer
+from mtss_train.trainer import TaskSchedule
 
 TESTS = os.path.dirname(__file__)
 
@@ -75,8 +77,55 @@ def test_config_overrides_are_typed(plugin_path):
     assert (config.crop_size, config.loss_weight, config.batch_size) == (32, 0.5, 16)
     with pytest.raises(MtssError, match="rotation.crop_size takes type int, got 'big'"):
         make_config(cls, {"crop_size": "big"})
-    with pytest.raises(MtssError, match="has no setting 'crop'; settings: batch_size, crop_size, loss_weight"):
+    with pytest.raises(MtssError, match="has no setting 'crop'; settings: batch_size, crop_size, data, eval_data, loss_weight, output_stride"):
         make_config(cls, {"crop": "3"})
+
+
+class TypedTask(Task):
+    """Settings of every form --task_param parses."""
+
+    name = "typed"
+
+    @dataclasses.dataclass
+    class Config(TaskConfig):
+        scale: float | None = None
+        maybe_size: Optional[int] = 3
+        sizes: tuple[int, ...] = (1, 2)
+        rates: list[float] = dataclasses.field(default_factory=list)
+        names: tuple[str, ...] = ()
+        flip: bool = False
+
+
+@pytest.mark.parametrize(
+    "field, text, value",
+    [("scale", "0.5", 0.5), ("scale", "none", None), ("maybe_size", "7", 7), ("maybe_size", "None", None),
+     ("sizes", "64, 32", (64, 32)), ("rates", "0.1,1e-3", [0.1, 1e-3]), ("names", "a,b", ("a", "b")),
+     ("flip", "true", True), ("flip", "0", False), ("output_stride", "16", 16), ("data", "/x", "/x")],
+)
+def test_task_params_parse_optional_tuple_list_and_bool_fields(field, text, value):
+    assert getattr(make_config(TypedTask, {field: text}), field) == value
+
+
+@pytest.mark.parametrize(
+    "field, text, fragment",
+    [("sizes", "64,big", "typed.sizes takes comma-separated values"), ("flip", "yes", "takes true or false"),
+     ("maybe_size", "3.5", "typed.maybe_size takes"), ("output_stride", "12", "output_stride must be 8, 16, 32")],
+)
+def test_bad_task_param_values_name_the_setting(field, text, fragment):
+    with pytest.raises(MtssError, match=fragment):
+        TypedTask.Config.validate(make_config(TypedTask, {field: text}))
+
+
+def test_a_setting_task_param_cannot_express_is_refused_when_the_task_loads():
+    class DictTask(TypedTask):
+        name = "dict_task"
+
+        @dataclasses.dataclass
+        class Config(TaskConfig):
+            table: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    with pytest.raises(MtssError, match="'dict_task' setting 'table' has type dict.* --task_param cannot set"):
+        make_config(DictTask, {})
 
 
 def test_task_params_reach_the_right_task(plugin_path):

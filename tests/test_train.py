@@ -52,7 +52,7 @@ def test_trains_writes_checkpoints_logs_config_and_resumes(tmp_path):
     assert any(n.startswith("optimizer/") for n in names)
     assert not any(n.startswith(trunk.NOT_IN_TRUNK) for n in names)
     assert {"train/rp/loss", "train/rp/accuracy", "train/rp/examples_per_sec",
-            "train/learning_rate", "data/skipped_images", "rp/centre_neighbour"} <= summary_tags(tmp_path / "logs")
+            "train/learning_rate", "train/examples_per_sec", "data/skipped/images", "rp/centre_neighbour"} <= summary_tags(tmp_path / "logs")
     extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")  # The bundled loader reads it.
     assert not extractor.report.missing_in_checkpoint and "rp_head/fc8/weights" in extractor.report.unused_in_checkpoint
     assert extractor(tf.zeros([1, 64, 64, 3])).shape == (1, 2, 2, 128)
@@ -192,9 +192,9 @@ def test_rp_beats_chance_on_held_out_pairs(tmp_path):
         save_every_steps=300, summary_every_steps=300,
     )
     trainer = Trainer(config)
-    untrained = trainer.evaluate(trainer.images, batches=20)["rp"]["accuracy"]
+    untrained = trainer.evaluate(trainer.sources, batches=20)["rp"]["accuracy"]
     trainer.train()
-    trained = trainer.evaluate(trainer.images, batches=20)["rp"]["accuracy"]
+    trained = trainer.evaluate(trainer.sources, batches=20)["rp"]["accuracy"]
     # Chance is 1/8; over 640 pairs its standard deviation is 1.3 points.
     assert untrained < 0.18 and trained > 0.2, (untrained, trained)
 
@@ -234,8 +234,8 @@ def test_resume_restores_model_step_and_optimizer_state_exactly(tmp_path):
     Trainer(TrainConfig(max_steps=3, **config)).train()
     saved = checkpoints.read_tensors(str(tmp_path))
     resumed = Trainer(TrainConfig(max_steps=5, **config))
-    resumed.evaluate(resumed.images, batches=1)  # Builds and restores; does not train.
-    state = resumed.state_variables()
+    resumed.prepare()  # Builds and restores; does not train.
+    state = resumed.state.variables()
     assert set(state) == set(saved)
     assert any(n.startswith("optimizer/") and "/rp_head/" in n for n in state)
     for name, variable in state.items():

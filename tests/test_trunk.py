@@ -40,9 +40,9 @@ def test_real_trunk_in_tf2_keeps_slim_names_and_block3_geometry():
         n: (tuple(v.shape.as_list()), v.dtype.name) for n, v in layer.variables_by_name().items()
     }
     images = tf.zeros([1, 224, 224, 3])
-    assert layer(images, training=False).shape == (1, 7, 7, 1024)
+    assert layer(images, training=False)[0].shape == (1, 7, 7, 1024)
     atrous = loader.trunk_layer("101", output_stride=16)
-    assert atrous(images, training=False).shape == (1, 14, 14, 1024)
+    assert atrous(images, training=False)[0].shape == (1, 14, 14, 1024)
 
 
 @pytest.mark.parametrize(
@@ -50,8 +50,20 @@ def test_real_trunk_in_tf2_keeps_slim_names_and_block3_geometry():
 )
 def test_block3_resolution_follows_output_stride(output_stride, size):
     layer = loader.trunk_layer("tiny", output_stride=output_stride)
-    features = tf.function(lambda x: layer(x, training=False))(tf.zeros([3, 64, 64, 3]))
+    features, _ = tf.function(lambda x: layer(x, training=False))(tf.zeros([3, 64, 64, 3]))
     assert features.shape == (3, size, size, 128)
+
+
+def test_output_stride_can_change_per_call_over_one_set_of_variables(tiny_trunk):
+    images = tf.zeros([1, 64, 64, 3])
+    variables = list(tiny_trunk.variables)
+    nominal, _ = tiny_trunk(images, training=False)
+    atrous, end_points = tiny_trunk(images, training=False, output_stride=16)
+    assert (nominal.shape, atrous.shape) == ((1, 2, 2, 128), (1, 4, 4, 128))
+    assert tiny_trunk.variables == variables
+    units = [f"{trunk.REPRESENTATION}/unit_{i}/bottleneck_v2" for i in (1, 2)]
+    assert [end_points[u].shape for u in units] == [(1, 4, 4, 128)] * 2  # Each unit's output.
+    np.testing.assert_array_equal(end_points[units[-1]], atrous)
 
 
 def test_end_points_are_keyed_by_slim_names_and_do_not_pile_up_eagerly():

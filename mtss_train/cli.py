@@ -1,0 +1,16 @@
+"""Process-wide settings of this project's command-line programs; library code never imports it.
+
+A program imports it first, before anything imports TensorFlow, which reads
+TF_CPP_MIN_LOG_LEVEL once, when it loads:
+
+    from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+"""
+
+import os
+import warnings
+
+# TensorFlow's C++ start-up INFO/WARNING lines (CPU features, oneDNN) are not actionable.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# slim layers run through the legacy Keras layer machinery, which warns on every call about
+# `apply`/`updates` it uses itself.
+warnings.filterwarnings("ignore", r"`layer\.(apply|updates)`", UserWarning)
