@@ -36,7 +36,7 @@ def find_sources(path: str) -> tuple[str, list[str]]:
         kind = "files" if path.lower().endswith(IMAGE_EXTENSIONS) else "tfrecords"
         return kind, [path]
     files = walk_files(path)
-    records = sorted(p for p in files if any(fnmatch.fnmatch(os.path.basename(p), t) for t in TFRECORD_PATTERNS))
+    records = sorted(p for p in files if is_tfrecord(p))
     if records:
         return "tfrecords", records
     files = sorted(p for p in files if p.lower().endswith(IMAGE_EXTENSIONS))
@@ -45,6 +45,11 @@ def find_sources(path: str) -> tuple[str, list[str]]:
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) or TFRecords under {path}"
         )
     return "files", files
+
+
+def is_tfrecord(path: str) -> bool:
+    """Whether the file's name says it holds TFRecords (see TFRECORD_PATTERNS)."""
+    return any(fnmatch.fnmatch(os.path.basename(path), pattern) for pattern in TFRECORD_PATTERNS)
 
 
 def walk_files(path: str) -> list[str]:
