@@ -17,6 +17,7 @@ from mtss_train import trunk
 from mtss_train.compat import tf
 from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig
 from mtss_train.errors import MtssError, cli_main
+from mtss_train.task import task_class
 from mtss_train.trainer import Trainer
 
 
@@ -30,7 +31,6 @@ def _default(name: str):
 _SMOKE_DEFAULTS = {"max_steps": 200, "trunk_size": "tiny", "save_every_steps": 100,
                    "summary_every_steps": 20, "batch_norm_decay": 0.9}
 _FULL_DEFAULTS = {key: _default(key) for key in _SMOKE_DEFAULTS}
-_SMOKE_BATCH_SIZE = 8  # Per task, unless --task_param sets it.
 
 
 def _defaults(key: str) -> str:
@@ -44,9 +44,12 @@ _TASK_PARAM = flags.DEFINE_multi_string("task_param", [], "Task setting as task.
 _SCHEDULE = flags.DEFINE_enum("schedule", _default("schedule"), list(SCHEDULES), "How each step picks its task.")
 _TASK_WEIGHTS = flags.DEFINE_list("task_weights", None, "Sampling weight per task (with --schedule weighted).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, f"Total steps over all tasks ({_defaults('max_steps')}).")
-_SMOKE = flags.DEFINE_bool("smoke", False, f"Small CPU run: tiny trunk, {_SMOKE_DEFAULTS['max_steps']} steps, batch {_SMOKE_BATCH_SIZE}, frequent logs.")
+_SMOKE = flags.DEFINE_bool("smoke", False, f"Small CPU run: tiny trunk, {_SMOKE_DEFAULTS['max_steps']} steps, each task's small settings (e.g. batch 8), frequent logs.")
 _TRUNK_SIZE = flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), f"Trunk ({_defaults('trunk_size')}).")
 _OUTPUT_STRIDE = flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
+_HARMONIZE = flags.DEFINE_bool("harmonize", _default("harmonize"), "Harmonization (paper 3.3): rp sees L only (grey), as col does.")
+_LASSO = flags.DEFINE_bool("lasso", _default("lasso"), "Lasso (paper Fig. 1b): each head reads a learned sparse mix of block3's units.")
+_LASSO_L1 = flags.DEFINE_float("lasso_l1", _default("lasso_l1"), "L1 weight on the lasso's per-unit weights.")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", _default("optimizer"), list(OPTIMIZERS), "Optimizer.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", _default("learning_rate"), "Peak learning rate.")
 _LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", _default("lr_schedule"), list(LR_SCHEDULES), "Learning-rate schedule.")
@@ -86,9 +89,13 @@ def config_from_flags() -> TrainConfig:
     defaults = _SMOKE_DEFAULTS if _SMOKE.value else _FULL_DEFAULTS
     pick = lambda flag, key: defaults[key] if flag.value is None else flag.value  # noqa: E731
     params = parse_task_params(_TASK_PARAM.value)
-    if _SMOKE.value:
-        for task in _TASKS.value:
-            params.setdefault(task, {}).setdefault("batch_size", str(_SMOKE_BATCH_SIZE))
+    if _SMOKE.value:  # Each task's small settings, under what the user set for it.
+        for spec in _TASKS.value:
+            cls = task_class(spec)
+            given = {**params.get(cls.name, {}), **params.get(spec, {})}
+            for key, value in cls.smoke_settings.items():
+                if key not in given:
+                    params.setdefault(cls.name, {})[key] = value
     try:
         weights = [float(w) for w in _TASK_WEIGHTS.value] if _TASK_WEIGHTS.value else None
     except ValueError:
@@ -99,6 +106,7 @@ def config_from_flags() -> TrainConfig:
         schedule=_SCHEDULE.value, task_weights=weights, max_steps=pick(_MAX_STEPS, "max_steps"),
         trunk_size=pick(_TRUNK_SIZE, "trunk_size"),
         output_stride=int(_OUTPUT_STRIDE.value) if _OUTPUT_STRIDE.value else None,
+        harmonize=_HARMONIZE.value, lasso=_LASSO.value, lasso_l1=_LASSO_L1.value,
         optimizer=_OPTIMIZER.value, learning_rate=_LEARNING_RATE.value,
         lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value,
         momentum=_MOMENTUM.value, rmsprop_decay=_RMSPROP_DECAY.value,

@@ -48,7 +48,7 @@ def steps_per_second(run_once: Callable[[], object], steps: int) -> float:
 
 def measure_task(trainer: Trainer, task: Task, batch: Batch, iterator: Iterator, steps: int) -> dict[str, float]:
     """Batches/s of the task's input, bare trunk, trainer step, and step fed by `iterator`."""
-    train_step = trainer.runner.train_step(task.name)
+    train_step = trainer.runner.train_step((task.name,))
     trunk_variables = trainer.model.trunk.trainable_variables
 
     @tf.function
@@ -63,8 +63,8 @@ def measure_task(trainer: Trainer, task: Task, batch: Batch, iterator: Iterator,
     return {
         "input": steps_per_second(lambda: next(pipeline), steps),
         "trunk": steps_per_second(bare_trunk, steps),
-        "step": steps_per_second(lambda: train_step(batch), steps),
-        "trained": steps_per_second(lambda: train_step(next(iterator)), steps),
+        "step": steps_per_second(lambda: train_step({task.name: batch}), steps),
+        "trained": steps_per_second(lambda: train_step({task.name: next(iterator)}), steps),
     }
 
 

@@ -11,7 +11,9 @@ from mtss_train.task import Task, TaskConfig, make_config, task_class
 CONFIG_VERSION = 1
 OPTIMIZERS = ("rmsprop", "momentum")
 LR_SCHEDULES = ("constant", "cosine", "step")
-SCHEDULES = ("round_robin", "weighted")
+# Each step trains one task (in turn, or drawn by --task_weights), or all of them on the
+# sum of their weighted losses.
+SCHEDULES = ("round_robin", "weighted", "all")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # Compute dtype of the network; variables, optimizer state and checkpoints stay float32.
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -32,6 +34,9 @@ class TrainConfig:
     max_steps: int = 200_000
     trunk_size: str = "101"
     output_stride: int | None = None
+    harmonize: bool = False  # Tasks with harmonize_to_grey (rp) see L only, as col does.
+    lasso: bool = False  # Each head reads an L1-regularised mix of block3's unit outputs.
+    lasso_l1: float = 1e-2  # Weight of the lasso's L1 penalty.
     optimizer: str = "rmsprop"
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
@@ -77,6 +82,7 @@ class TrainConfig:
             (min(self.save_every_steps, self.summary_every_steps, self.log_every_steps,
                  self.keep_checkpoints) >= 1, "step intervals and --keep_checkpoints must be >= 1"),
             (self.eval_batches >= 1, "--eval_batches must be >= 1"),
+            (self.lasso_l1 >= 0, "--lasso_l1 must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

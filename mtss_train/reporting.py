@@ -51,7 +51,8 @@ class Meter:
         return self.examples / max(self.seconds, 1e-9)
 
     def describe(self) -> str:
-        return " ".join(f"{k} {v:.3f}" for k, v in self.means().items()) + f" ({self.examples_per_sec():.1f} ex/s)"
+        means = " ".join(f"{k} {v:.3f}" for k, v in self.means().items())
+        return f"{means} ({self.steps} steps, {self.examples_per_sec():.1f} ex/s)"
 
 
 def duration(seconds: float) -> str:
@@ -126,8 +127,10 @@ class Reporter:
             meter.reset()
         self._console_start = time.perf_counter()
 
-    def write_summaries(self, step: int, scalars: dict[str, float | tf.Tensor], pictures: dict[str, dict[str, tf.Tensor]]) -> None:
-        """Per-task means and rates, the run's own `scalars`, and every task's `pictures`."""
+    def write_summaries(self, step: int, scalars: dict[str, float | tf.Tensor],
+                        pictures: dict[str, dict[str, tf.Tensor]], histograms: dict[str, tf.Tensor]) -> None:
+        """Per-task means and rates, the run's own `scalars` and `histograms`, and pictures
+        ({group: {name: [K, H, W, 3] in [0, 1]}}, tagged group/name)."""
         examples = sum(m.examples for m in self.tensorboard.values())
         with self.writer.as_default(step=step):
             for name, meter in self.tensorboard.items():
@@ -139,6 +142,8 @@ class Reporter:
             tf.summary.scalar("train/examples_per_sec", examples / max(time.perf_counter() - self._tensorboard_start, 1e-9))
             for tag, value in scalars.items():
                 tf.summary.scalar(tag, value)
+            for tag, values in histograms.items():
+                tf.summary.histogram(tag, values)
             for name, images in pictures.items():
                 for key, image in images.items():
                     tf.summary.image(f"{name}/{key}", image, max_outputs=4)

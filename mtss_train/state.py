@@ -38,6 +38,7 @@ class TrainingState:
             self.model = MultiTaskModel(
                 tasks, config.trunk_size, config.output_stride, config.weight_decay, config.batch_norm_decay,
                 dtype_policy="float32" if config.precision == "float32" else f"mixed_{config.precision}",
+                harmonize=config.harmonize, lasso_l1=config.lasso_l1 if config.lasso else None,
             )
             self.optimizer = make_optimizer(config)
 
@@ -62,7 +63,7 @@ class TrainingState:
             with self.strategy.scope():
                 self.model(task.name, local, training=False)
         with self.strategy.scope():
-            self.optimizer.build([v for t in self.tasks for v in self.model.trainable_variables(t.name)])
+            self.optimizer.build(self.model.trainable_variables([t.name for t in self.tasks]))
         self.built = True
 
     def checkpoint_step(self) -> int:

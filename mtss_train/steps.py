@@ -45,7 +45,7 @@ class StepRunner:
         self.optimizer = optimizer
         self.trainable_scopes = tuple(trainable_scopes)
         self.loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
-        self._compiled: dict[tuple[str, str], Callable] = {}
+        self._compiled: dict[tuple[str, object], Callable] = {}
 
     def _replica_results(self, task_name: str, batch: Batch, training: bool) -> tuple[tf.Tensor, Results]:
         """(this replica's share of the global mean loss, Results on this replica)."""
@@ -58,17 +58,18 @@ class StepRunner:
         share = tf.nn.compute_average_loss(per_example, global_batch_size=task.config.batch_size)
         return share, {LOSS: _sums(per_example), **{k: _sums(v) for k, v in metrics.items()}}
 
-    def _train_replica(self, task_name: str) -> Callable[[Batch], Results]:
-        task = self.model.tasks[task_name]
-        variables = self.model.trainable_variables(task_name, self.trainable_scopes)
+    def _train_replica(self, task_names: tuple[str, ...]) -> Callable[[dict[str, Batch]], dict[str, Results]]:
+        variables = self.model.trainable_variables(task_names, self.trainable_scopes)
         if not variables:
-            raise MtssError(f"--trainable_scopes {list(self.trainable_scopes)} select no variable of {task_name}")
+            raise MtssError(f"--trainable_scopes {list(self.trainable_scopes)} select no variable of {task_names}")
 
-        def replica_step(batch: Batch) -> Results:
+        def replica_step(batches: dict[str, Batch]) -> dict[str, Results]:
+            results = {}
             with tf.GradientTape() as tape:
-                share, results = self._replica_results(task_name, batch, training=True)
-                decay = tf.nn.scale_regularization_loss(self.model.regularization_loss(task_name))
-                total = task.config.loss_weight * share + decay
+                total = tf.nn.scale_regularization_loss(self.model.regularization_loss(task_names))
+                for name in task_names:
+                    share, results[name] = self._replica_results(name, batches[name], training=True)
+                    total += self.model.tasks[name].config.loss_weight * share
                 if self.loss_scaled:
                     total = self.optimizer.get_scaled_loss(total)
             gradients = tape.gradient(total, variables)
@@ -79,40 +80,46 @@ class StepRunner:
 
         return replica_step
 
-    def _distributed(self, replica_fn: Callable[[Batch], Results]) -> Callable[[Batch], Results]:
+    def _distributed(self, replica_fn: Callable) -> Callable:
         @tf.function
-        def step(batch: Batch) -> Results:
+        def step(batch):
             results = self.strategy.run(replica_fn, args=(batch,))
             return tf.nest.map_structure(lambda v: self.strategy.reduce("SUM", v, axis=None), results)
 
         return step
 
-    def _get(self, kind: str, task_name: str, make: Callable[[], Callable]) -> Callable:
-        if (kind, task_name) not in self._compiled:
-            self._compiled[kind, task_name] = make()
-        return self._compiled[kind, task_name]
+    def _get(self, kind: str, key: object, make: Callable[[], Callable]) -> Callable:
+        if (kind, key) not in self._compiled:
+            self._compiled[kind, key] = make()
+        return self._compiled[kind, key]
 
-    def train_step(self, task_name: str) -> Callable[[Batch], Results]:
-        """The compiled training step of a task: distributed batch -> Results."""
-        return self._get("train", task_name, lambda: self._distributed(self._train_replica(task_name)))
+    def train_step(self, task_names: tuple[str, ...]) -> Callable[[dict[str, Batch]], dict[str, Results]]:
+        """The compiled training step of one task, or of several on the sum of their
+        weighted losses: {name: distributed batch} -> {name: Results}."""
+        return self._get("train", task_names, lambda: self._distributed(self._train_replica(task_names)))
 
     def eval_step(self, task_name: str) -> Callable[[Batch], Results]:
         """Results of a task in inference mode (BN moving statistics), no update."""
         return self._get("eval", task_name, lambda: self._distributed(
             lambda batch: self._replica_results(task_name, batch, training=False)[1]))
 
-    def run(self, task_name: str, batch: Batch) -> Results:
-        """One training step of `task_name` on a distributed batch."""
-        return self.train_step(task_name)(batch)
+    def run(self, task_names: Sequence[str], batches: dict[str, Batch]) -> dict[str, Results]:
+        """One training step of `task_names` on their distributed batches."""
+        return self.train_step(tuple(task_names))(batches)
 
     def pictures(self, task_name: str, batch: Batch) -> dict[str, tf.Tensor]:
-        """The task's TensorBoard pictures for (this worker's first replica's part of) a batch."""
+        """The task's TensorBoard pictures for (this worker's first replica's part of) a batch,
+        plus what the trunk sees when harmonization changed it."""
         task = self.model.tasks[task_name]
 
-        def make() -> Callable:
-            return tf.function(lambda local: task.image_summaries(local, self.model(task_name, local, training=False)))
+        def pictures_of(local: Batch) -> dict[str, tf.Tensor]:
+            shown = dict(task.image_summaries(local, self.model(task_name, local, training=False)))
+            if self.model.harmonized(task_name):
+                shown["trunk_input"] = self.model.trunk_images(task_name, local)[:4] / 255.0
+            return shown
 
-        return self._get("pictures", task_name, make)(self.strategy.experimental_local_results(batch)[0])
+        compiled = self._get("pictures", task_name, lambda: tf.function(pictures_of))
+        return compiled(self.strategy.experimental_local_results(batch)[0])
 
     @staticmethod
     def fetch(results: Results) -> dict[str, tuple[float, float]]:

@@ -75,6 +75,11 @@ class Task(abc.ABC):
     # What `trunk_images` holds: "rgb", or "grey" (L only, three equal channels), which
     # harmonization leaves as it is.
     input_colour: ClassVar[str] = "rgb"
+    # Whether --harmonize turns this task's input grey (L only), as the paper does for
+    # relative position so the trunk sees colorization's input distribution.
+    harmonize_to_grey: ClassVar[bool] = False
+    # Config values for `--smoke` runs (a few CPU minutes), under what the user sets.
+    smoke_settings: ClassVar[dict[str, str]] = {"batch_size": "8"}
 
     def __init__(self, config: TaskConfig):
         config.validate()

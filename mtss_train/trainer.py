@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import logging
 
-from mtss_train import checkpoints, inputs
+from mtss_train import checkpoints, inputs, lasso
 from mtss_train.compat import tf
 from mtss_train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.source import Source
@@ -32,7 +32,10 @@ EVAL_SEED = 2**31 - 1
 
 
 class TaskSchedule:
-    """Which task trains at each global step: a pure function of (step, seed)."""
+    """Which tasks train at each global step: a pure function of (step, seed).
+
+    'round_robin' and 'weighted' pick one task per step; 'all' trains every task each step.
+    """
 
     def __init__(self, names: Sequence[str], mode: str, weights: Sequence[float] | None, seed: int):
         self.names = list(names)
@@ -41,11 +44,13 @@ class TaskSchedule:
         self.probabilities = weights / weights.sum()
         self.seed = seed
 
-    def task_at(self, step: int) -> str:
+    def tasks_at(self, step: int) -> list[str]:
+        if self.mode == "all":
+            return list(self.names)
         if self.mode == "round_robin":
-            return self.names[step % len(self.names)]
+            return [self.names[step % len(self.names)]]
         rng = np.random.default_rng([self.seed, step])
-        return self.names[rng.choice(len(self.names), p=self.probabilities)]
+        return [self.names[rng.choice(len(self.names), p=self.probabilities)]]
 
 
 class StopSignals:
@@ -91,6 +96,7 @@ class Trainer:
         self.eval_sources = inputs.open_sources(self.tasks, config.eval_data, eval_split=True)
         if config.init_checkpoint:
             checkpoints.resolve(config.init_checkpoint)  # Fails now, not after building.
+        tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
         self.state = TrainingState(config, self.tasks, self.strategy, self.chief)
         self.model = self.state.model
         self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes)
@@ -160,14 +166,16 @@ class Trainer:
         with stop:
             while step < config.max_steps and not stop.received:
                 began = time.perf_counter()
-                name = self.schedule.task_at(step)
-                if name in fresh:
-                    fresh.discard(name)
-                else:
-                    last_batches[name] = next(iterators[name])
-                results = self.runner.run(name, last_batches[name])
+                names = self.schedule.tasks_at(step)
+                for name in names:
+                    if name in fresh:
+                        fresh.discard(name)
+                    else:
+                        last_batches[name] = next(iterators[name])
+                results = self.runner.run(names, {name: last_batches[name] for name in names})
                 step += 1
-                reporter.record(step, name, results, time.perf_counter() - began)
+                for name in names:
+                    reporter.record(step, name, results[name], time.perf_counter() - began)
                 last = step == config.max_steps or stop.received
                 due = {kind: step % every == 0 or last for kind, every in (
                     ("log", config.log_every_steps), ("summary", config.summary_every_steps),
@@ -199,7 +207,10 @@ class Trainer:
         for kind, count in self._skips_by_kind().items():
             scalars[f"data/skipped/{kind}"] = count
         pictures = {name: self.runner.pictures(name, batch) for name, batch in last_batches.items()}
-        reporter.write_summaries(step, scalars, pictures)
+        alphas = self.model.lasso_alphas()
+        if alphas:
+            pictures["lasso"] = {"alpha_task_by_unit": lasso.alpha_picture([alphas[n] for n in self.schedule.names])}
+        reporter.write_summaries(step, scalars, pictures, {f"lasso/{n}": a for n, a in alphas.items()})
 
     def _skips_by_kind(self) -> dict[str, int]:
         kinds = sorted({t.source_kind for t in self.tasks})

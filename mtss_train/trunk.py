@@ -39,7 +39,7 @@ VGG_MEAN_RGB = (123.68, 116.779, 103.939)
 _BLOCKS = {
     "101": (("block1", 64, 3), ("block2", 128, 4), ("block3", 256, 23)),
     # Same code path and scope names, ~1% of the compute: for tests and smoke runs.
-    "tiny": (("block1", 8, 1), ("block2", 16, 1), ("block3", 32, 2)),
+    "tiny": (("block1", 8, 1), ("block2", 16, 1), ("block3", 32, 4)),
 }
 TRUNK_SIZES = tuple(_BLOCKS)
 
@@ -117,6 +117,13 @@ def resnet_v2_101_block3(
             # Eager calls all share one global graph, whose collection would grow forever.
             tf.compat.v1.get_default_graph().clear_collection(end_points_collection)
     return net, end_points
+
+
+def block3_units(end_points: dict[str, tf.Tensor]) -> list[str]:
+    """End-point names of block3's unit outputs, in order (unit_1 ... unit_23 in the 101)."""
+    prefix = REPRESENTATION + "/unit_"
+    units = [k for k in end_points if k.startswith(prefix) and k.endswith("/bottleneck_v2")]
+    return sorted(units, key=lambda k: int(k[len(prefix):].split("/")[0]))
 
 
 def block3_net(

@@ -29,6 +29,7 @@ COLOR_MODES = ("drop", "project", "none")
 @register_task
 class RelativePosition(Task):
     name = "rp"
+    harmonize_to_grey = True  # As in the multi-task paper (section 3.3).
 
     @dataclasses.dataclass
     class Config(TaskConfig):

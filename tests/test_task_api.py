@@ -141,15 +141,20 @@ def test_task_params_reach_the_right_task(plugin_path):
 
 def test_round_robin_schedule():
     schedule = TaskSchedule(["rp", "col", "ex"], "round_robin", None, seed=0)
-    assert [schedule.task_at(s) for s in range(7)] == ["rp", "col", "ex", "rp", "col", "ex", "rp"]
+    assert [schedule.tasks_at(s) for s in range(4)] == [["rp"], ["col"], ["ex"], ["rp"]]
+
+
+def test_all_tasks_schedule_trains_every_task_each_step():
+    schedule = TaskSchedule(["rp", "col", "ex"], "all", None, seed=0)
+    assert [schedule.tasks_at(s) for s in range(2)] == [["rp", "col", "ex"]] * 2
 
 
 def test_weighted_schedule_follows_the_weights_and_the_seed():
     schedule = TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=1)
-    picks = [schedule.task_at(s) for s in range(4000)]
+    picks = [schedule.tasks_at(s)[0] for s in range(4000)]
     assert 0.72 < collections.Counter(picks)["rp"] / len(picks) < 0.78
-    assert picks == [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=1).task_at(s) for s in range(4000)]
-    assert picks != [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=2).task_at(s) for s in range(4000)]
+    assert picks == [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=1).tasks_at(s)[0] for s in range(4000)]
+    assert picks != [TaskSchedule(["rp", "col"], "weighted", [3.0, 1.0], seed=2).tasks_at(s)[0] for s in range(4000)]
 
 
 @pytest.mark.parametrize(

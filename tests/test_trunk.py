@@ -61,8 +61,8 @@ def test_output_stride_can_change_per_call_over_one_set_of_variables(tiny_trunk)
     atrous, end_points = tiny_trunk(images, training=False, output_stride=16)
     assert (nominal.shape, atrous.shape) == ((1, 2, 2, 128), (1, 4, 4, 128))
     assert tiny_trunk.variables == variables
-    units = [f"{trunk.REPRESENTATION}/unit_{i}/bottleneck_v2" for i in (1, 2)]
-    assert [end_points[u].shape for u in units] == [(1, 4, 4, 128)] * 2  # Each unit's output.
+    units = [f"{trunk.REPRESENTATION}/unit_{i}/bottleneck_v2" for i in range(1, 5)]
+    assert [end_points[u].shape for u in units] == [(1, 4, 4, 128)] * 4  # Each unit's output.
     np.testing.assert_array_equal(end_points[units[-1]], atrous)
 
 
