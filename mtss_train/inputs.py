@@ -29,6 +29,7 @@ def open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: boo
         key = (task.source_kind, path)
         if key not in opened:
             opened[key] = task.open_source(path)
+        task.check_source(opened[key], path)
         sources[task.name] = opened[key]
     return sources
 

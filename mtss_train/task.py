@@ -101,6 +101,10 @@ class Task(abc.ABC):
         """
         return image_source(path, MIN_IMAGE_SIDE)
 
+    def check_source(self, source: Source, path: str | None) -> None:
+        """Checks, once at start, that `source` (opened from `path`, perhaps by another task
+        of the same kind) suits this task; raises DataError naming what is wrong."""
+
     @abc.abstractmethod
     def make_dataset(self, source: tf.data.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
         """Batches of this task's examples.
