@@ -5,21 +5,19 @@ parallel map scales) because a corrupt or vanished file must be skipped and coun
 abort the pipeline, which TF's read/decode ops can only do by dropping errors silently.
 """
 
-import fnmatch
 import hashlib
 import os
 
 import cv2
 import numpy as np
-from absl import logging
 
 from mtss_train.compat import tf
 from mtss_train.data import sample
+from mtss_train.data.files import is_tfrecord, walk_files
 from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-TFRECORD_PATTERNS = ("*.tfrecord", "*.tfrecords", "*.tfrecord-*", "*.tfrecords-*")
 # The feature key of encoded images in TFRecords (as written by tensorflow/models slim).
 TFRECORD_IMAGE_KEY = "image/encoded"
 
@@ -45,31 +43,6 @@ def find_sources(path: str) -> tuple[str, list[str]]:
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) or TFRecords under {path}"
         )
     return "files", files
-
-
-def is_tfrecord(path: str) -> bool:
-    """Whether the file's name says it holds TFRecords (see TFRECORD_PATTERNS)."""
-    return any(fnmatch.fnmatch(os.path.basename(path), pattern) for pattern in TFRECORD_PATTERNS)
-
-
-def walk_files(path: str) -> list[str]:
-    """Every file under `path`, following directory links but entering each real
-    directory once: a link back up the tree (`ln -s . loop`) would otherwise recurse
-    forever. Skipped links are logged with their count."""
-    seen: set[str] = set()
-    skipped: list[str] = []
-    files = []
-    for root, dirs, names in os.walk(path, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            skipped.append(root)
-            dirs[:] = []
-            continue
-        seen.add(real)
-        files.extend(os.path.join(root, name) for name in names)
-    if skipped:
-        logging.warning("%s: skipped %d linked directories already listed (e.g. %s)", path, len(skipped), skipped[0])
-    return files
 
 
 def decode_rgb(encoded: bytes, min_side: int) -> np.ndarray | None:

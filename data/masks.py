@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from mtss_train.compat import tf
-from mtss_train.data.images import IMAGE_EXTENSIONS, decode_rgb, is_tfrecord, read_file, walk_files
+from mtss_train.data.files import is_tfrecord, walk_files
+from mtss_train.data.images import IMAGE_EXTENSIONS, decode_rgb, read_file
 from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
 
