@@ -37,6 +37,11 @@ def _defaults(key: str) -> str:
     return f"default {_FULL_DEFAULTS[key]}; {_SMOKE_DEFAULTS[key]} with --smoke"
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_SUFFIX = ".flags"
+_CONFIG = flags.DEFINE_string(
+    "config", None, "A shipped configuration (absl flagfile in mtss_train/configs): rp_col_ex_ms, "
+    "rp_col_ex_ms_harmonized_lasso, rp, col, ex, ms. Flags given beside it override it.")
 _TASKS = flags.DEFINE_list("tasks", ["rp"], "Tasks to train: registered names or module.path:Class.")
 _TRAIN_DIR = flags.DEFINE_string("train_dir", "runs/mtss", "Checkpoints, flags.json and logs/ go here.")
 _DATA = flags.DEFINE_string("data", None, "Image directory (recursive jpg/png) or TFRecords; default: bundled sample photos.")
@@ -153,8 +158,30 @@ def _runnable(path: str, name: str) -> str:
     return relative if len(relative) < len(path) and not relative.startswith("..") else path
 
 
+def shipped_configs() -> list[str]:
+    return sorted(n[: -len(CONFIG_SUFFIX)] for n in os.listdir(CONFIG_DIR) if n.endswith(CONFIG_SUFFIX))
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """Puts `--flagfile=<shipped file>` for `--config NAME` first, so every flag on the
+    command line, wherever it stands, overrides the configuration's."""
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    names += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    flagfiles = []
+    for name in names:
+        if name not in shipped_configs():
+            raise MtssError(f"--config {name!r} is not a shipped configuration; known: {', '.join(shipped_configs())}")
+        flagfiles.append(f"--flagfile={os.path.join(CONFIG_DIR, name + CONFIG_SUFFIX)}")
+    return argv[:1] + flagfiles + argv[1:]
+
+
 def run() -> None:
-    app.run(cli_main(main))
+    try:
+        argv = expand_config(sys.argv)
+    except MtssError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(cli_main(main), argv=argv)
 
 
 if __name__ == "__main__":
