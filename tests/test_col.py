@@ -10,7 +10,7 @@ import skimage.color
 import skimage.data
 
 from conftest import assert_one_line_error, run_cli
-from mtss_train import checkpoints, colorspace, loader
+from mtss_train import checkpoints, loader
 from mtss_train.compat import tf
 from mtss_train.config import TrainConfig
 from mtss_train.errors import DataError, MtssError
@@ -18,6 +18,7 @@ from mtss_train.task import make_config, task_class
 from mtss_train.tasks import col_encoding as encoding
 from mtss_train.tasks.col import Colorization, load_prior
 from mtss_train.trainer import Trainer
+from test_train import summary_tags
 
 SMALL = {"crop": "64", "resize_side": "80", "head_width": "16", "prior": "uniform"}
 # The CLI names col by import path until mtss_train.tasks registers it by name.
@@ -328,8 +329,7 @@ def test_trains_next_to_rp_and_its_checkpoint_restores(tmp_path):
                   "--task_param", "col.crop=64", "--task_param", "col.resize_side=96")
     assert run.returncode == 0, run.stderr
     assert "col: loss" in run.stderr and "ab_error" in run.stderr
-    tags = {value.tag for path in glob.glob(str(tmp_path / "logs" / "events.out.tfevents.*"))
-            for event in tf.compat.v1.train.summary_iterator(path) for value in event.summary.value}
+    tags = summary_tags(tmp_path / "logs")
     assert {"train/col/loss", "train/col/accuracy", "train/col/ab_error", "col/grey_prediction_truth"} <= tags
     names = checkpoints.read_specs(str(tmp_path))
     assert {"col_head/logits/weights", "col_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)

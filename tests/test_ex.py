@@ -1,7 +1,6 @@
 """Exemplar: view augmentations, triplet mining checked by hand, negatives from all replicas,
 the tf.data pipeline, and short training runs on the bundled photos."""
 
-import glob
 import json
 import math
 import subprocess
@@ -22,6 +21,7 @@ from mtss_train.tasks import ex
 from mtss_train.tasks.ex import Exemplar
 from mtss_train.tasks.ex_augment import Augmentation
 from mtss_train.trainer import Trainer
+from test_train import summary_tags
 
 SMALL = {"crop_size": "32", "head_width": "16", "embedding_dim": "8"}
 NEUTRAL_COLOUR = {"pca_factor": 1.0, "sv_power": 1.0, "sv_factor": (1.0, 1.0), "sv_shift": 0.0, "hue_shift": 0.0}
@@ -368,8 +368,7 @@ def test_trains_next_to_rp_and_its_checkpoint_restores(tmp_path):
         summary_every_steps=4, task_params={"rp": {"batch_size": "2"}, "ex": {"batch_size": "2", "crop_size": "64"}},
     )
     Trainer(config).train()
-    tags = {value.tag for path in glob.glob(str(tmp_path / "logs" / "events.out.tfevents.*"))
-            for event in tf.compat.v1.train.summary_iterator(path) for value in event.summary.value}
+    tags = summary_tags(tmp_path / "logs")
     assert {"train/ex/loss", "train/ex/retrieval_accuracy", "train/ex/triplets_meeting_margin", "ex/views"} <= tags
     names = checkpoints.read_specs(str(tmp_path))
     assert {"ex_head/embed/weights", "ex_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)

@@ -1,6 +1,5 @@
 """Motion segmentation: the frames + masks source, augmentation, loss and metrics, training."""
 
-import glob
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from mtss_train.data.masks import TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY, MaskSou
 from mtss_train.errors import DataError, MtssError
 from mtss_train.task import make_config, task_class
 from mtss_train.tasks.ms import MotionSegmentation, downsample_mask, mask_metrics, weighted_sigmoid_loss
+from test_train import summary_tags
 
 
 def write_extracted(root, videos: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> str:
@@ -397,9 +397,7 @@ def test_rp_and_ms_train_together_and_the_trunk_restores(tmp_path, scenes):
                   "--task_param", f"ms.data={scenes['train']}", "--task_param", "ms.crop=64")
     assert run.returncode == 0, run.stderr
     assert "ms: loss" in run.stderr and "iou" in run.stderr
-    tags = set()
-    for path in glob.glob(str(tmp_path / "logs" / "events.out.tfevents.*")):
-        tags.update(value.tag for event in tf.compat.v1.train.summary_iterator(path) for value in event.summary.value)
+    tags = summary_tags(tmp_path / "logs")
     assert {"train/ms/iou", "train/ms/pooled_iou", "train/ms/pixel_accuracy", "ms/frame_predicted_target", "train/rp/loss"} <= tags
     names = checkpoints.read_specs(str(tmp_path))
     assert {"ms_head/logits/weights", "ms_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
