@@ -56,8 +56,9 @@ class MultiTaskModel:
         }
 
     def harmonized(self, task_name: str) -> bool:
-        """Whether harmonization turns this task's input grey."""
-        return self.harmonize and self.tasks[task_name].harmonize_to_grey
+        """Whether harmonization turns this task's input grey (a grey input already is)."""
+        task = self.tasks[task_name]
+        return self.harmonize and task.harmonize_to_grey and task.input_colour == "rgb"
 
     def trunk_images(self, task_name: str, batch: Batch) -> tf.Tensor:
         """The task's RGB images in [0, 255], grey (L only) if harmonized."""

@@ -49,8 +49,8 @@ _FAR = 1e9
 class Exemplar(Task):
     name = "ex"
     source_kind = "images"
-    # Colour is part of what the views vary, so the trunk sees RGB (harmonization leaves
-    # "rgb" tasks as they are).
+    # Colour is part of what the views vary, so the trunk sees RGB, also under --harmonize
+    # (harmonize_to_grey stays False).
     input_colour = "rgb"
 
     @dataclasses.dataclass
