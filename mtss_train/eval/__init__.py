@@ -1,0 +1,1 @@
+"""Evaluation of learned representations: linear probe, feature export, comparisons."""

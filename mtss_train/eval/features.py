@@ -1,0 +1,352 @@
+"""Frozen block3 features of labelled images: batched extraction, a disk cache, export.
+
+    python -m mtss_train.eval.features --checkpoint CKPT --data DATA --out DIR [--format npy|tfrecord]
+
+The trunk (a slim-name checkpoint, or `random`: seeded initial weights) runs in inference
+mode (BatchNorm uses its moving statistics) on RGB images resized to S x S
+(`mtss_train.data.labelled`). Its block3 output [N, h, w, C] is average-pooled to a G x G
+grid (adaptive bins as in PyTorch's AdaptiveAvgPool2d: bin i spans rows
+floor(i*h/G) .. ceil((i+1)*h/G) - 1, so G may exceed h) and flattened in (row, column,
+channel) order to [N, G*G*C], or pooled globally to [N, C].
+
+Features are cached on disk under a key made of the checkpoint's content digest, the
+data's identity (files, sizes, modification times, class mapping) and every setting that
+changes them, so a second probe or a regulariser sweep never runs the trunk again.
+"""
+
+from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable, TextIO
+
+import numpy as np
+from absl import app, flags, logging
+
+from mtss_train import checkpoints, loader, trunk
+from mtss_train.compat import tf
+from mtss_train.data.labelled import TFRECORD_LABEL_KEY, LabelledData, open_labelled
+from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
+
+RANDOM = "random"
+FEATURES_KEY = "features"
+FORMATS = ("npy", "tfrecord")
+# Bump when extraction changes what it computes, so old cache entries stop matching.
+CACHE_VERSION = 1
+DEFAULT_IMAGE_SIZE = {"101": 224, "tiny": 96}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How features are computed. None trunk_size: detect it; None grid: global pooling;
+    None image_size: DEFAULT_IMAGE_SIZE of the trunk. `seed` seeds `random` weights."""
+
+    trunk_size: str | None = None
+    output_stride: int | None = None
+    grid: int | None = 3
+    image_size: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+
+
+def detect_trunk_size(prefix: str) -> str | None:
+    """The trunk size whose block3 the checkpoint holds, or None if none fits."""
+    specs = checkpoints.read_specs(prefix)
+    for size in trunk.TRUNK_SIZES:
+        units = trunk.trunk_blocks(size)[2].args
+        name = f"{trunk.REPRESENTATION}/unit_{{}}/bottleneck_v2/conv3/weights"
+        last = specs.get(name.format(len(units)))
+        if last is not None and last.shape[-1] == units[-1]["depth"] and name.format(len(units) + 1) not in specs:
+            return size
+    return None
+
+
+class Trunk:
+    """The frozen trunk of a checkpoint, or seeded initial weights (`random`).
+
+    The network is built on first use of `extractor`, so a cache hit never builds it.
+
+    Raises:
+      CheckpointError: the checkpoint does not exist (at once) or does not fit (when built).
+    """
+
+    def __init__(self, checkpoint: str, settings: Settings):
+        self.checkpoint = checkpoint
+        self.prefix = None if checkpoint == RANDOM else checkpoints.resolve(checkpoint)
+        self.size = settings.trunk_size or (self.prefix and detect_trunk_size(self.prefix)) or "101"
+        if self.size not in trunk.TRUNK_SIZES:
+            raise MtssError(f"--trunk_size must be one of {', '.join(trunk.TRUNK_SIZES)}, got {self.size!r}")
+        self.output_stride, self.seed = settings.output_stride, settings.seed
+        self._extractor: loader.FeatureExtractor | None = None
+        self._digest: str | None = None
+
+    @property
+    def extractor(self) -> loader.FeatureExtractor:
+        if self._extractor is None:
+            if self.prefix is None:
+                tf.random.set_seed(self.seed)  # Resets TF's op-seed sequence: same seed, same weights.
+                self._extractor = loader.FeatureExtractor(loader.trunk_layer(self.size, self.output_stride), None)
+            else:
+                try:
+                    self._extractor = loader.load_feature_extractor(self.prefix, self.size, self.output_stride)
+                except CheckpointError as e:
+                    held = detect_trunk_size(self.prefix)
+                    if held is None or held == self.size:
+                        raise
+                    raise CheckpointError(f"{e} (it holds the {held} trunk: pass --trunk_size {held})") from None
+        return self._extractor
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the checkpoint's files, or of the random weights (they exist only in memory)."""
+        if self._digest is None:
+            digest = hashlib.sha256()
+            if self.prefix is None:
+                for name, variable in sorted(self.extractor.layer.variables_by_name().items()):
+                    digest.update(name.encode() + variable.numpy().tobytes())
+            else:
+                directory = os.path.dirname(self.prefix) or "."
+                base = os.path.basename(self.prefix)
+                for name in sorted(os.listdir(directory)):
+                    if name == base + ".index" or name.startswith(base + ".data-"):
+                        with open(os.path.join(directory, name), "rb") as f:
+                            for chunk in iter(lambda: f.read(1 << 22), b""):
+                                digest.update(chunk)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def describe(self) -> str:
+        return f"random init (seed {self.seed})" if self.prefix is None else self.prefix
+
+
+def grid_pool(block3: tf.Tensor, grid: int | None) -> tf.Tensor:
+    """[N, h, w, C] -> [N, grid*grid*C] cell averages in (row, column, channel) order, or
+    [N, C] global averages when grid is None. h and w must be static."""
+    if grid is None:
+        return tf.reduce_mean(block3, axis=[1, 2])
+    height, width = block3.shape[1], block3.shape[2]
+    cells = []
+    for row in range(grid):
+        top, bottom = row * height // grid, -(-(row + 1) * height // grid)
+        for col in range(grid):
+            left, right = col * width // grid, -(-(col + 1) * width // grid)
+            cells.append(tf.reduce_mean(block3[:, top:bottom, left:right, :], axis=[1, 2]))
+    return tf.concat(cells, axis=1)
+
+
+class Progress:
+    """A progress line (count, rate, ETA) at most every `every` seconds, and a final one."""
+
+    def __init__(self, label: str, total: int | None, stream: TextIO = sys.stderr, every: float = 2.0):
+        self.label, self.total, self.stream, self.every = label, total, stream, every
+        self.count, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def line(self) -> str:
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        rate = self.count / seconds
+        total = f"/{self.total:,}" if self.total else ""
+        eta = ""
+        if self.total and rate > 0:
+            eta = f", ETA {datetime.timedelta(seconds=round(max(self.total - self.count, 0) / rate))}"
+        return f"features of {self.label}: {self.count:,}{total} images, {rate:.0f} img/s{eta}"
+
+    def update(self, count: int) -> None:
+        self.count += count
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(self.line(), file=self.stream, flush=True)
+
+    def done(self) -> float:
+        seconds = time.monotonic() - self.start
+        print(f"{self.line()}, done in {datetime.timedelta(seconds=round(seconds))}", file=self.stream, flush=True)
+        return seconds
+
+
+@dataclasses.dataclass
+class Extracted:
+    """features float32 [N, D]; labels int64 [N]; meta: what made them (JSON-able)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    meta: dict
+
+
+def extract(model: Trunk, data: LabelledData, settings: Settings, limit: int | None, label: str) -> Extracted:
+    """Runs the trunk over `data` in batches, with a progress line on stderr."""
+    size = settings.image_size or DEFAULT_IMAGE_SIZE[model.size]
+    extractor = model.extractor
+    features_fn = tf.function(lambda images: grid_pool(extractor(images), settings.grid))
+    progress = Progress(label, data.count(limit))
+    batches = data.dataset(size, limit).batch(settings.batch_size).prefetch(2)
+    chunks, labels = [], []
+    for images, batch_labels in batches:
+        chunks.append(features_fn(images).numpy())
+        labels.append(batch_labels.numpy())
+        progress.update(len(chunks[-1]))
+    seconds = progress.done()
+    if not chunks:
+        raise DataError(f"no image of {data.path} could be decoded ({data.skipped.count} unreadable)")
+    cells = 1 if settings.grid is None else settings.grid**2
+    shape = ([] if settings.grid is None else [settings.grid] * 2) + [chunks[0].shape[1] // cells]
+    meta = {"checkpoint": model.describe(), "trunk_size": model.size, "output_stride": model.output_stride,
+            "grid": settings.grid or "global", "image_size": size, "feature_shape": shape,
+            "data": data.path, "data_kind": data.kind, "classes": data.classes, "limit": limit,
+            "examples": int(sum(len(x) for x in labels)), "skipped": data.skipped.count,
+            "extraction_seconds": round(seconds, 2)}
+    return Extracted(np.concatenate(chunks), np.concatenate(labels), meta)
+
+
+def cache_key(model: Trunk, data: LabelledData, settings: Settings, limit: int | None) -> str:
+    """Identifies the features: checkpoint content, data identity and the settings used."""
+    material = {"version": CACHE_VERSION, "checkpoint": model.digest, "trunk_size": model.size,
+                "output_stride": model.output_stride, "grid": settings.grid,
+                "image_size": settings.image_size or DEFAULT_IMAGE_SIZE[model.size],
+                "data": data.fingerprint(), "limit": limit}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def load_or_extract(model: Trunk, data: LabelledData, settings: Settings, limit: int | None,
+                    cache_dir: str | None, label: str) -> Extracted:
+    """The features from the cache if `cache_dir` has them, else extracted (and cached)."""
+    if not cache_dir:
+        return extract(model, data, settings, limit, label)
+    key = cache_key(model, data, settings, limit)
+    path = os.path.join(cache_dir, f"{key}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                meta = json.loads(str(stored["meta"]))
+                print(f"features of {label}: {len(stored['labels']):,} from the cache ({path})", file=sys.stderr)
+                return Extracted(stored["features"], stored["labels"], {**meta, "cache": path})
+        except (OSError, ValueError, KeyError) as e:  # A damaged entry is recomputed, not fatal.
+            logging.warning("ignoring unreadable feature cache %s: %s", path, e)
+    found = extract(model, data, settings, limit, label)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _write_atomically(path, lambda tmp: _save(tmp, np.savez, features=found.features,
+                                                  labels=found.labels, meta=json.dumps(found.meta)))
+        found.meta["cache"] = path
+    except OSError as e:  # The features are fine; only the next run will be slower.
+        logging.warning("could not cache features in %s: %s", cache_dir, e)
+    return found
+
+
+def _save(path: str, save: Callable[..., None], *args: object, **kwargs: object) -> None:
+    """numpy's save/savez to exactly `path` (given a name, they would append a suffix)."""
+    with open(path, "wb") as f:
+        save(f, *args, **kwargs)
+
+
+def _write_atomically(path: str, write: Callable[[str], object]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export(found: Extracted, out_dir: str, fmt: str) -> list[str]:
+    """Writes features for external tools; returns the files written.
+
+    npy: `features.npy` float32 [N, D], `labels.npy` int64 [N]. tfrecord: `features.tfrecord`
+    of tf.train.Examples with float `features` [D] and int64 `image/class/label`. Both write
+    `meta.json` (checkpoint, data, settings, `feature_shape` [G, G, C] or [C]).
+
+    Raises:
+      MtssError: if `fmt` is unknown or `out_dir` cannot be written.
+    """
+    if fmt not in FORMATS:
+        raise MtssError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    files = {"npy": ["features.npy", "labels.npy"], "tfrecord": ["features.tfrecord"]}[fmt] + ["meta.json"]
+    writers = {
+        "features.npy": lambda f: _save(f, np.save, found.features.astype(np.float32)),
+        "labels.npy": lambda f: _save(f, np.save, found.labels.astype(np.int64)),
+        "features.tfrecord": lambda f: _write_records(f, found.features, found.labels),
+        "meta.json": lambda f: _save(f, lambda h: h.write(json.dumps(found.meta, indent=2).encode() + b"\n")),
+    }
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in files:
+            _write_atomically(os.path.join(out_dir, name), writers[name])
+    except OSError as e:
+        raise MtssError(f"cannot write features to {out_dir}: {e.strerror or e}") from None
+    return [os.path.join(out_dir, name) for name in files]
+
+
+def _write_records(path: str, features: np.ndarray, labels: np.ndarray) -> None:
+    with tf.io.TFRecordWriter(path) as writer:
+        for row, label in zip(features, labels):
+            feature = {
+                FEATURES_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=row)),
+                TFRECORD_LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+def define_extraction_flags() -> None:
+    """The trunk and extraction flags every eval program shares (call once per program)."""
+    flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk; default: the one the checkpoint "
+                      "holds (for `random`: that of the other checkpoints, else 101).")
+    flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
+    flags.DEFINE_string("grid", "3", "Average block3 over a GxG grid of cells (3, as the paper) or `global`.")
+    flags.DEFINE_integer("image_size", None, "Images are resized and centre-cropped to this square (default "
+                         "224 for the 101 trunk, 96 for tiny); 28x28 idx images are upscaled bilinearly.")
+    flags.DEFINE_integer("batch_size", 64, "Images per trunk call.")
+    flags.DEFINE_integer("limit", None, "Use the first N examples of each data set.")
+    flags.DEFINE_integer("seed", 0, "Seed of `random` trunk weights (and of the probe's validation split).")
+    flags.DEFINE_string("cache_dir", default_cache_dir(), "Feature cache directory; '' disables the cache.")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mtss_train", "features")
+
+
+def settings_from_flags() -> Settings:
+    """Settings from the flags of `define_extraction_flags`.
+
+    Raises:
+      MtssError: if --grid, --image_size, --batch_size or --limit is not valid.
+    """
+    values = flags.FLAGS
+    grid = values.grid.strip().lower()
+    if grid != "global" and not (grid.isdigit() and 1 <= int(grid) <= 32):
+        raise MtssError(f"--grid must be a number of cells per side (1-32) or 'global', got {values.grid!r}")
+    for name in ("image_size", "batch_size", "limit"):
+        if values[name].value is not None and values[name].value < 1:
+            raise MtssError(f"--{name} must be positive, got {values[name].value}")
+    return Settings(trunk_size=values.trunk_size, grid=None if grid == "global" else int(grid),
+                    output_stride=int(values.output_stride) if values.output_stride else None,
+                    image_size=values.image_size, batch_size=values.batch_size, seed=values.seed)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise MtssError(f"unexpected arguments {' '.join(argv[1:])}; the data set is --data")
+    values = flags.FLAGS
+    settings = settings_from_flags()
+    model = Trunk(values.checkpoint, settings)
+    data = open_labelled(values.data)
+    found = load_or_extract(model, data, settings, values.limit, values.cache_dir or None, values.data)
+    for path in export(found, values.out, values.format):
+        print(path)
+    print(f"{len(found.labels):,} examples x {found.features.shape[1]:,} features "
+          f"(shape {found.meta['feature_shape']}), {found.meta['skipped']} undecodable images skipped",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    define_extraction_flags()
+    flags.DEFINE_string("checkpoint", None, "Checkpoint (prefix, file or train dir) or `random`.", required=True)
+    flags.DEFINE_string("data", None, "Labelled data: class folders, TFRecords or idx files.", required=True)
+    flags.DEFINE_string("out", None, "Output directory.", required=True)
+    flags.DEFINE_enum("format", "npy", list(FORMATS), "npy: features.npy + labels.npy; tfrecord: Examples.")
+    app.run(cli_main(main))
