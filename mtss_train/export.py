@@ -123,24 +123,29 @@ def _check(path: str, extractor: loader.FeatureExtractor) -> float:
     return deviation
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix, file or train dir.", required=True)
-_OUT = flags.DEFINE_string("out", None, "New directory for the SavedModel.", required=True)
-_TRUNK_SIZE = flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk (default: what the checkpoint holds).")
-_OUTPUT_STRIDE = flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
+def define_flags() -> None:
+    """The command's flags, defined when it runs: tests import this module beside other
+    commands whose flags share names."""
+    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix, file or train dir.", required=True)
+    flags.DEFINE_string("out", None, "New directory for the SavedModel.", required=True)
+    flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk (default: what the checkpoint holds).")
+    flags.DEFINE_enum("output_stride", None, ["8", "16", "32"], "Atrous block3 stride (default 32).")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {' '.join(argv[1:])}")
-    stride = int(_OUTPUT_STRIDE.value) if _OUTPUT_STRIDE.value else None
-    info = export_saved_model(_CHECKPOINT.value, _OUT.value, _TRUNK_SIZE.value, stride)
-    print(f"SavedModel: {_OUT.value} ({info['trunk_size']} trunk, stride {info['output_stride']}; "
+    options = flags.FLAGS
+    stride = int(options.output_stride) if options.output_stride else None
+    info = export_saved_model(options.checkpoint, options.out, options.trunk_size, stride)
+    print(f"SavedModel: {options.out} ({info['trunk_size']} trunk, stride {info['output_stride']}; "
           f"reloaded output matches the extractor within {info['max_deviation']:.1e} of the largest feature)")
     print(f"signatures: serving_default / uint8_rgb (images uint8 [N,H,W,3]), float_rgb (images float32 "
           f"[N,H,W,3] in [0,255]) -> {OUTPUT_KEY}")
 
 
 def run() -> None:
+    define_flags()
     app.run(cli_main(main))
 
 

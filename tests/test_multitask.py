@@ -9,7 +9,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from mtss_train import checkpoints, loader, trunk
-from mtss_train.__main__ import expand_config, shipped_configs
+from mtss_train.configs import expand_config, shipped_configs
 from mtss_train.compat import tf
 from mtss_train.config import TrainConfig
 from mtss_train.trainer import Trainer
