@@ -146,7 +146,7 @@ def corrupt_dir(tmp_path):
 @pytest.mark.parametrize(
     "flags, fragments",
     [
-        (["--tasks", "jigsaw"], ["unknown task 'jigsaw'", "known: rp"]),
+        (["--tasks", "jigsaw"], ["unknown task 'jigsaw'", "known: col, ex, ms, rp"]),
         (["--tasks", "rp", "--data", "{tmp}"], ["no images", "{tmp}"]),
         (["--data", "{corrupt}"], ["none of the images in the 1 image file(s)", "{corrupt}"]),
         (["--data", "/no/such/photos"], ["/no/such/photos does not exist"]),
