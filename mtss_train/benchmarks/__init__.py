@@ -1,0 +1,1 @@
+"""The pieces of `python -m mtss_train.benchmark`: timing, the anchors, pipelines, scaling."""
