@@ -1,18 +1,23 @@
-"""Images from a directory tree or TFRecords, decoded in tf.data; bad files are skipped.
+"""Images from a directory tree or TFRecords, decoded in tf.data; bad inputs are skipped.
 
 Reading and decoding use OpenCV inside `tf.numpy_function` (it releases the GIL, so
 parallel map scales) because a corrupt or vanished file must be skipped and counted, not
 abort the pipeline, which TF's read/decode ops can only do by dropping errors silently.
+Every skipped input is counted once and named once in the log with the reason (unreadable,
+truncated, too small, too many pixels, ...). Headers are read before decoding, so an image
+over the pixel limit costs no memory and a truncated PNG never reaches libpng.
 """
 
-import hashlib
+import contextlib
+import dataclasses
 import os
+from typing import Iterator
 
 import cv2
 import numpy as np
 
 from mtss_train.compat import tf
-from mtss_train.data import sample
+from mtss_train.data import image_headers, sample
 from mtss_train.data.files import is_tfrecord, walk_files
 from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
@@ -20,6 +25,36 @@ from mtss_train.errors import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The feature key of encoded images in TFRecords (as written by tensorflow/models slim).
 TFRECORD_IMAGE_KEY = "image/encoded"
+# Decoded images above this many pixels are skipped: a 12000x12000 photo alone takes
+# ~5 GB through decoding and resizing. Ten times a 24-megapixel camera's photos.
+DEFAULT_MAX_PIXELS = 50_000_000
+# Bytes a TFRecord adds around each record: length (8), its CRC (4), the data's CRC (4).
+_RECORD_OVERHEAD = 16
+_EMPTY = np.zeros([0, 0, 3], np.uint8)
+# Inputs the start-up check reads at most before it calls a source unusable.
+CHECK_LIMIT = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How photos are read: the TFRecord feature holding them, and the pixel limit."""
+
+    image_key: str = TFRECORD_IMAGE_KEY
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+_default_options = ReadOptions()
+
+
+@contextlib.contextmanager
+def read_options(options: ReadOptions) -> Iterator[None]:
+    """Within the block, sources opened without explicit options use `options`."""
+    global _default_options
+    previous, _default_options = _default_options, options
+    try:
+        yield
+    finally:
+        _default_options = previous
 
 
 def find_sources(path: str) -> tuple[str, list[str]]:
@@ -45,24 +80,72 @@ def find_sources(path: str) -> tuple[str, list[str]]:
     return "files", files
 
 
-def decode_rgb(encoded: bytes, min_side: int) -> np.ndarray | None:
-    """Encoded image -> RGB uint8 [H, W, 3], or None if unreadable or a side < min_side."""
+def _size_problem(height: int, width: int, min_side: int, max_pixels: int) -> str:
+    if height * width > max_pixels:
+        return (f"too many pixels ({width}x{height} = {height * width / 1e6:.1f}M, over the limit of "
+                f"{max_pixels / 1e6:g}M, --max_image_pixels)")
+    if min(height, width) < min_side:
+        return f"too small ({width}x{height} px, both sides must be >= {min_side})"
+    return ""
+
+
+def decode_image(encoded: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+    """Encoded image -> (RGB uint8 [H, W, 3], '') or (None, why it was not usable).
+
+    PNG and JPEG headers are checked (structure, size) before anything is decoded.
+    """
+    if not encoded:
+        return None, "empty"
+    problem = image_headers.png_problem(encoded)
+    if problem:
+        return None, problem
+    size = image_headers.image_size(encoded)
+    if size and _size_problem(*size, min_side, max_pixels):
+        return None, _size_problem(*size, min_side, max_pixels)
     try:
         image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:  # Raised for some malformed input (e.g. empty) instead of None.
-        return None
-    if image is None or min(image.shape[:2]) < min_side:
-        return None
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    except cv2.error:  # Raised for some malformed input instead of None.
+        image = None
+    if image is None:
+        return None, "not a decodable image"
+    problem = _size_problem(*image.shape[:2], min_side, max_pixels)  # Formats without a header read.
+    return (None, problem) if problem else (cv2.cvtColor(image, cv2.COLOR_BGR2RGB), "")
 
 
-def read_file(path: bytes) -> bytes:
-    """The file's bytes, or b'' if it cannot be read (e.g. deleted during the run)."""
+def decode_rgb(encoded: bytes, min_side: int) -> np.ndarray | None:
+    """Encoded image -> RGB uint8 [H, W, 3], or None if unusable (see `decode_image`)."""
+    return decode_image(encoded, min_side)[0]
+
+
+def read_bytes(path: bytes | str) -> tuple[bytes, str]:
+    """(the file's bytes, '') or (b'', why it could not be read)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
+            return f.read(), ""
+    except OSError as e:
+        return b"", f"could not be read ({e.strerror or type(e).__name__})"
+
+
+def read_file(path: bytes | str) -> bytes:
+    """The file's bytes, or b'' if it cannot be read (e.g. deleted during the run)."""
+    return read_bytes(path)[0]
+
+
+def _unread_rest(path: str, records: int, consumed: int) -> str:
+    """Why a TFRecord file was not read to its end ('' if it was)."""
+    try:
+        size = os.path.getsize(path)
+        if consumed >= size:
+            return ""
+        if consumed == 0:
+            open(path, "rb").close()  # Unreadable (e.g. permissions) rather than damaged?
+    except OSError as e:
+        return f"could not be read ({e.strerror or type(e).__name__})"
+    return f"truncated or corrupt TFRecord file (read {records} records, {consumed} of its {size} bytes; the rest is lost)"
+
+
+def _category(reason: str) -> str:
+    return reason.split(" (", 1)[0]
 
 
 class ImageSource:
@@ -73,46 +156,118 @@ class ImageSource:
       paths: the files.
       where: what to name in messages (the directory the user gave).
       min_side: images with a smaller side are skipped and counted.
+      options: TFRecord image key and pixel limit; default: those of `read_options`.
     """
 
-    def __init__(self, kind: str, paths: list[str], where: str, min_side: int = 32):
+    def __init__(self, kind: str, paths: list[str], where: str, min_side: int = 32,
+                 options: ReadOptions | None = None):
         self.kind, self.paths, self.path = kind, paths, where
         self.min_side = min_side
+        self.options = options or _default_options
         self.skipped = SkipCounter()
+        self._features_seen: list[str] = []  # Of a record without the image key, for messages.
         self._check_some_image_decodes()
 
     def _check_some_image_decodes(self) -> None:
-        # Fails fast instead of letting an all-bad source stall the endless pipeline.
-        for data in self._records().as_numpy_iterator():
-            if decode_rgb(read_file(data) if self.kind == "files" else data, self.min_side) is not None:
+        # Fails fast instead of letting an all-bad source stall the endless pipeline. The
+        # bad inputs met here are named by the pipeline when it meets them, or in the error.
+        problems: dict[str, list[tuple[str, str]]] = {}
+        examined = 0
+        for element in self._records().as_numpy_iterator():
+            image, key, reason = self._examine(*(element if isinstance(element, tuple) else (element,)))
+            if image is not None:
                 return
+            if reason:
+                problems.setdefault(_category(reason), []).append((key, reason))
+                examined += 1
+                if examined == CHECK_LIMIT:
+                    break
+        self._raise_unusable(problems, examined)
+
+    def _raise_unusable(self, problems: dict[str, list[tuple[str, str]]], examined: int) -> None:
+        wanted = f"no '{self.options.image_key}' feature"
+        if self.kind == "tfrecords" and list(problems) == [wanted]:
+            raise DataError(
+                f"the TFRecords in {self.path} have {wanted}, which should hold the encoded image; their "
+                f"records have: {', '.join(self._features_seen) or 'no features'} (pick one with --image_key)"
+            )
+        what = "image" if self.kind == "files" else "TFRecord"
+        first = f" (the first {examined} inputs)" if examined == CHECK_LIMIT else ""
+        found = "; ".join(f"{len(items)} {category}, e.g. {items[0][0]}{items[0][1][len(category):]}"
+                          for category, items in problems.items()) or "they hold no records"
         raise DataError(
-            f"none of the images in the {len(self.paths)} {'image' if self.kind == 'files' else 'TFRecord'} "
-            f"file(s) in {self.path} could be decoded with both sides >= {self.min_side} px"
+            f"none of the images in the {len(self.paths)} {what} file(s) in {self.path}{first} could be used "
+            f"(both sides >= {self.min_side} px, at most {self.options.max_pixels / 1e6:g}M pixels): {found}"
         )
 
-    def _decode(self, data: bytes) -> np.ndarray:
-        """`data` is a file path (kind 'files') or encoded bytes (TFRecords)."""
-        image = decode_rgb(read_file(data) if self.kind == "files" else data, self.min_side)
+    def _examine_file(self, path: bytes) -> tuple[np.ndarray | None, str, str]:
+        """(image or None, key, reason) of an image file; reason '' if already skipped."""
+        key = path.decode()
+        if key in self.skipped:
+            return None, key, ""  # Known bad: not read (and its decoder noise not printed) again.
+        data, reason = read_bytes(path)
+        if reason:
+            return None, key, reason
+        image, reason = decode_image(data, self.min_side, self.options.max_pixels)
+        return image, key, reason
+
+    def _examine(self, *element) -> tuple[np.ndarray | None, str, str]:
+        """(image or None, key, reason) of a dataset element (see `_records`)."""
+        return self._examine_record(*element) if self.kind == "tfrecords" else self._examine_file(*element)
+
+    def _examine_record(self, file: bytes, index: int, record: bytes, consumed: int) -> tuple[np.ndarray | None, str, str]:
+        """(image or None, key, reason) of a TFRecord record, or of a file's end marker
+        (index -1 - records read), which checks the file was read to its end."""
+        file = file.decode()
+        if index < 0:
+            return None, file, _unread_rest(file, -index - 1, consumed)
+        key = f"{file} (record {index})"
+        if key in self.skipped:
+            return None, key, ""
+        try:
+            example = tf.train.Example.FromString(record)
+        except Exception:  # noqa: BLE001  protobuf's DecodeError, whose module varies by version.
+            return None, key, "not a tf.train.Example"
+        features = example.features.feature
+        image_key = self.options.image_key
+        if image_key not in features or not features[image_key].bytes_list.value:
+            self._features_seen = self._features_seen or sorted(features)
+            return None, key, f"no '{image_key}' feature (the record has: {', '.join(sorted(features)) or 'none'})"
+        image, reason = decode_image(features[image_key].bytes_list.value[0], self.min_side, self.options.max_pixels)
+        return image, key, reason
+
+    def _decode(self, *element) -> np.ndarray:
+        """tf.numpy_function body: the image, or an empty one (counted) if unusable."""
+        image, key, reason = self._examine(*element)
         if image is None:
-            self.skipped.add(data.decode() if self.kind == "files" else hashlib.sha1(data).hexdigest())
-            return np.zeros([0, 0, 3], np.uint8)
+            if reason:
+                self.skipped.add(key, reason)
+            return _EMPTY
         return image
 
+    def _file_records(self, path: tf.Tensor) -> tf.data.Dataset:
+        """(path, index, record, bytes read so far) of one TFRecord file, then an end marker
+        (index -1 - records read) whose byte count tells whether the file was read whole."""
+        # A truncated or corrupt record ends the file here; the end marker then reports it.
+        records = tf.data.TFRecordDataset(path).ignore_errors()
+        sized = records.map(lambda record: (record, tf.cast(tf.strings.length(record), tf.int64)))
+        end = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(-1, tf.int64)))
+
+        def count(state: tuple[tf.Tensor, tf.Tensor], element: tuple[tf.Tensor, tf.Tensor]):
+            index, consumed = state
+            record, length = element
+            is_end = length < 0
+            consumed += tf.where(is_end, tf.constant(0, tf.int64), length + _RECORD_OVERHEAD)
+            return (index + 1, consumed), (path, tf.where(is_end, -1 - index, index), record, consumed)
+
+        return sized.concatenate(end).scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), count)
+
     def _records(self, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-        """Paths (kind 'files') or encoded images (TFRecords) of this shard's files."""
+        """Paths (kind 'files') or (file, index, record, bytes read) of this shard's TFRecords."""
         paths = tf.data.Dataset.from_tensor_slices(self.paths)
         if shard[0] > 1:
             paths = paths.shard(*shard)
-        if self.kind == "files":
-            return paths
-        feature = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
-        # A truncated file or a record without the image key is dropped (with a logged
-        # warning), not counted: tf.data cannot say which record failed.
-        return tf.data.TFRecordDataset(paths).map(
-            lambda record: tf.io.parse_single_example(record, feature)[TFRECORD_IMAGE_KEY],
-            num_parallel_calls=tf.data.AUTOTUNE,
-        ).ignore_errors(log_warning=True)
+        return paths if self.kind == "files" else paths.flat_map(self._file_records)
 
     def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
         """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline."""
@@ -120,10 +275,10 @@ class ImageSource:
         if num_shards > len(self.paths):  # Too few files to split: all read all, own order.
             seed, shard = seed + index, (1, 0)
         records = self._records(shard).shuffle(min(len(self.paths), 10_000) if self.kind == "files" else 1_000,
-                                  seed=seed, reshuffle_each_iteration=True).repeat()
+                                               seed=seed, reshuffle_each_iteration=True).repeat()
         images = records.map(
-            lambda data: tf.ensure_shape(
-                tf.numpy_function(self._decode, [data], tf.uint8, stateful=False), [None, None, 3]
+            lambda *element: tf.ensure_shape(
+                tf.numpy_function(self._decode, list(element), tf.uint8, stateful=False), [None, None, 3]
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
@@ -131,8 +286,8 @@ class ImageSource:
         return images.filter(lambda image: tf.size(image) > 0)
 
 
-def image_source(path: str | None, min_side: int) -> ImageSource:
+def image_source(path: str | None, min_side: int, options: ReadOptions | None = None) -> ImageSource:
     """Images under `path`, or the embedded sample photos when `path` is None."""
     if path is None:
-        return ImageSource("files", sample.sample_photo_paths(), "the embedded sample photos", min_side)
-    return ImageSource(*find_sources(path), path, min_side)
+        return ImageSource("files", sample.sample_photo_paths(), "the embedded sample photos", min_side, options)
+    return ImageSource(*find_sources(path), path, min_side, options)

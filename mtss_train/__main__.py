@@ -4,21 +4,37 @@ With no --data it trains on the photos bundled with scikit-image. --smoke makes 
 enough for a laptop CPU (tiny trunk, 200 steps); drop it for the full-scale settings.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
-
-import dataclasses
 import os
-import shutil
+import signal
 import sys
 
-from absl import app, flags
+INTERRUPTED_AT_START = "error: interrupted (Ctrl-C) while starting; nothing was saved"
 
-from mtss_train import trunk
-from mtss_train.compat import tf
-from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig
-from mtss_train.errors import MtssError, cli_main
-from mtss_train.task import task_class
-from mtss_train.trainer import Trainer
+
+def _interrupted_while_importing(signum: int, frame: object) -> None:
+    print(INTERRUPTED_AT_START, file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # Nothing to clean up yet; an import cannot be unwound cleanly.
+
+
+if __name__ == "__main__":
+    # Ctrl-C while TensorFlow loads (seconds) ends with one line and 130, not an import
+    # traceback; `run` hands SIGINT back to Python (KeyboardInterrupt) once imports are done.
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+from mtss_train import cli  # noqa: F401, E402  First: quiets TensorFlow's start-up logs.
+
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from mtss_train import trunk  # noqa: E402
+from mtss_train.compat import tf  # noqa: E402
+from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig  # noqa: E402
+from mtss_train.configs import expand_config  # noqa: E402
+from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, cli_main  # noqa: E402
+from mtss_train.task import task_class  # noqa: E402
+from mtss_train.trainer import Trainer  # noqa: E402
 
 
 def _default(name: str):
@@ -37,8 +53,6 @@ def _defaults(key: str) -> str:
     return f"default {_FULL_DEFAULTS[key]}; {_SMOKE_DEFAULTS[key]} with --smoke"
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-CONFIG_SUFFIX = ".flags"
 _CONFIG = flags.DEFINE_string(
     "config", None, "A shipped configuration (absl flagfile in mtss_train/configs): rp_col_ex_ms, "
     "rp_col_ex_ms_harmonized_lasso, rp, col, ex, ms. Flags given beside it override it.")
@@ -76,6 +90,8 @@ _SEED = flags.DEFINE_integer("seed", _default("seed"), "Seed of data order, task
 _STRATEGY = flags.DEFINE_enum("strategy", _default("strategy"), list(STRATEGIES), "tf.distribute strategy.")
 _PRECISION = flags.DEFINE_enum("precision", _default("precision"), list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out images: evaluated after every checkpoint (eval/ summaries).")
+_IMAGE_KEY = flags.DEFINE_string("image_key", _default("image_key"), "TFRecord feature holding the encoded image.")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", _default("max_image_pixels"), "Images with more pixels are skipped and counted (read from the header, before decoding).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", _default("eval_batches"), "Batches per task and evaluation.", lower_bound=1)
 
 
@@ -108,6 +124,7 @@ def config_from_flags() -> TrainConfig:
     return TrainConfig(
         train_dir=_TRAIN_DIR.value, tasks=_TASKS.value, task_params=params, data=_DATA.value,
         eval_data=_EVAL_DATA.value, eval_batches=_EVAL_BATCHES.value,
+        image_key=_IMAGE_KEY.value, max_image_pixels=_MAX_IMAGE_PIXELS.value,
         schedule=_SCHEDULE.value, task_weights=weights, max_steps=pick(_MAX_STEPS, "max_steps"),
         trunk_size=pick(_TRUNK_SIZE, "trunk_size"),
         output_stride=int(_OUTPUT_STRIDE.value) if _OUTPUT_STRIDE.value else None,
@@ -130,12 +147,28 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
-    trainer = Trainer(config_from_flags())
-    checkpoint = trainer.train()
+    try:
+        trainer = Trainer(config_from_flags())
+        checkpoint = trainer.train()
+    except MtssError as e:
+        _leave(f"error: {e}", 2)
+    except KeyboardInterrupt:  # Before the training loop, which handles Ctrl-C itself.
+        _leave(INTERRUPTED_AT_START, INTERRUPTED_EXIT_CODE)
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
     if trainer.stopped_by:
         sys.exit(128 + trainer.stopped_by)  # The shell's convention for "ended by signal N".
+
+
+def _leave(message: str, code: int) -> None:
+    """Prints `message` and exits at once. The input pipelines may still be running
+    numpy_function calls; tearing them down in interpreter shutdown can deadlock on the
+    GIL (seen after an out-of-memory batch), and nothing is left to save: checkpoints are
+    atomic, the lock dies with the process."""
+    print(message, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def describe_outputs(train_dir: str, checkpoint: str | None, summary_dir: str) -> str:
@@ -158,30 +191,17 @@ def _runnable(path: str, name: str) -> str:
     return relative if len(relative) < len(path) and not relative.startswith("..") else path
 
 
-def shipped_configs() -> list[str]:
-    return sorted(n[: -len(CONFIG_SUFFIX)] for n in os.listdir(CONFIG_DIR) if n.endswith(CONFIG_SUFFIX))
-
-
-def expand_config(argv: list[str]) -> list[str]:
-    """Puts `--flagfile=<shipped file>` for `--config NAME` first, so every flag on the
-    command line, wherever it stands, overrides the configuration's."""
-    names = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    names += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    flagfiles = []
-    for name in names:
-        if name not in shipped_configs():
-            raise MtssError(f"--config {name!r} is not a shipped configuration; known: {', '.join(shipped_configs())}")
-        flagfiles.append(f"--flagfile={os.path.join(CONFIG_DIR, name + CONFIG_SUFFIX)}")
-    return argv[:1] + flagfiles + argv[1:]
-
-
 def run() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again.
     try:
         argv = expand_config(sys.argv)
+        app.run(cli_main(main), argv=argv)
     except MtssError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app.run(cli_main(main), argv=argv)
+    except KeyboardInterrupt:  # During flag parsing; `main` covers the rest.
+        print(INTERRUPTED_AT_START, file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

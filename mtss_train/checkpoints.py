@@ -8,7 +8,9 @@ model's README recipe all read it. A directory of them has TF's usual `checkpoin
 Saving writes under a temporary prefix, fsyncs, renames the data file and then the index
 (the index is what makes a prefix exist) and only then updates the state file with an
 atomic rename. A process killed at any point leaves the previous checkpoint intact and
-`latest` pointing at it; leftovers are removed by the next save.
+`latest` pointing at it; leftovers are removed by the next save. Damage from outside
+(a garbage or empty index, a missing or short data file) is found by `newest_readable`,
+so a resume falls back to the newest checkpoint that reads.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from mtss_train.compat import tf
-from mtss_train.errors import CheckpointError
+from mtss_train.errors import CheckpointError, UnreadableCheckpointError
 
 STATE_FILE = "checkpoint"
 DEFAULT_BASENAME = "model.ckpt"
@@ -31,24 +33,76 @@ def _prefix_exists(prefix: str) -> bool:
     return os.path.isfile(prefix + ".index")
 
 
-def latest(directory: str) -> str | None:
-    """The newest complete checkpoint prefix in `directory`, or None if it has none.
+def candidates(directory: str) -> list[str]:
+    """Complete checkpoint prefixes in `directory`, newest first.
 
-    The index rename is what commits a save, so the highest-numbered `NAME-STEP` with an
-    index wins even when a save was killed before it updated the state file. Checkpoints
-    without a step number (e.g. a slim `Saver` file) are found through the state file.
+    The index rename is what commits a save, so numbered `NAME-STEP` prefixes with an
+    index come by step, whatever the state file says (a save may have been killed before
+    updating it); a checkpoint without a step number (e.g. a slim `Saver` file) named by
+    the state file comes last.
     """
     if not os.path.isdir(directory):
-        return None
+        return []
     steps = {}
     for index in glob.glob(os.path.join(glob.escape(directory), "*-[0-9]*.index")):
         found = re.search(r"-(\d+)\.index$", index)
         if found:
             steps[int(found.group(1))] = index[: -len(".index")]
-    if steps:
-        return steps[max(steps)]
-    prefix = tf.train.latest_checkpoint(directory)
-    return prefix if prefix and _prefix_exists(prefix) else None
+    found = [steps[step] for step in sorted(steps, reverse=True)]
+    if not found:  # The state file names files by TF's rules; ask TF only when needed.
+        prefix = tf.train.latest_checkpoint(directory)
+        found += [prefix] if prefix and _prefix_exists(prefix) else []
+    return found
+
+
+def latest(directory: str) -> str | None:
+    """The newest complete checkpoint prefix in `directory`, or None if it has none."""
+    found = candidates(directory)
+    return found[0] if found else None
+
+
+def check_readable(prefix: str) -> None:
+    """Raises UnreadableCheckpointError unless the index reads and the data files hold
+    every byte it lists (a cheap check: sizes, not checksums, which a full read verifies)."""
+    specs = read_specs(prefix)
+    shards = glob.glob(glob.escape(prefix) + ".data-*-of-*")
+    if not shards:
+        raise UnreadableCheckpointError(f"checkpoint {prefix} has no data file ({os.path.basename(prefix)}.data-*)")
+    declared = max(int(re.search(r"-of-(\d+)$", path).group(1)) for path in shards)
+    if len(shards) != declared:
+        raise UnreadableCheckpointError(f"checkpoint {prefix} has {len(shards)} of its {declared} data files")
+    try:
+        expected = sum(int(np.prod(s.shape, dtype=np.int64)) * tf.as_dtype(s.dtype).size for s in specs.values())
+    except (TypeError, ValueError):  # Variable-size dtypes (strings): no size to compare.
+        return
+    size = sum(os.path.getsize(path) for path in shards)
+    if size < expected:
+        raise UnreadableCheckpointError(
+            f"checkpoint {prefix} is truncated: its data holds {size} of the {expected} bytes its index lists")
+
+
+def newest_readable(directory: str, exclude: Iterable[str] = ()) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest readable checkpoint prefix or None, [(newer unreadable prefix, why)])."""
+    skipped = []
+    for prefix in candidates(directory):
+        if prefix in exclude:
+            continue
+        try:
+            check_readable(prefix)
+            return prefix, skipped
+        except UnreadableCheckpointError as e:
+            skipped.append((prefix, str(e)))
+    return None, skipped
+
+
+def set_aside(prefix: str, folder: str = "unreadable") -> str:
+    """Moves a checkpoint's files into `folder` beside it (out of every listing and sweep);
+    returns where they went."""
+    target = os.path.join(os.path.dirname(prefix), folder)
+    os.makedirs(target, exist_ok=True)
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        os.replace(path, os.path.join(target, os.path.basename(path)))
+    return target
 
 
 def resolve(path: str) -> str:
@@ -90,7 +144,7 @@ def read_specs(path: str) -> dict[str, TensorSpec]:
         shapes = reader.get_variable_to_shape_map()
         dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {prefix}: {_first_line(e)}") from None
+        raise UnreadableCheckpointError(f"cannot read checkpoint {prefix}: {_first_line(e)}") from None
     return {n: TensorSpec(tuple(shapes[n]), dtypes[n].name) for n in sorted(shapes)}
 
 
@@ -102,7 +156,7 @@ def read_tensors(path: str, names: Iterable[str] | None = None) -> dict[str, np.
         names = sorted(reader.get_variable_to_shape_map()) if names is None else names
         return {n: reader.get_tensor(n) for n in names}
     except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: short data file.
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
             f"checkpoint {prefix} is corrupt or truncated: {_first_line(e)}"
         ) from None
 
@@ -122,7 +176,10 @@ def _fsync(path: str) -> None:
 
 def _remove_files(prefix: str) -> None:
     for path in glob.glob(glob.escape(prefix) + ".*"):
-        os.remove(path)
+        try:
+            os.remove(path)
+        except OSError:  # Already gone, or the file system refuses: the next save sweeps it.
+            pass
 
 
 def save(
@@ -143,7 +200,6 @@ def save(
     """
     if not tensors:
         raise ValueError("refusing to save a checkpoint with no tensors")
-    os.makedirs(directory, exist_ok=True)
     prefix = os.path.join(directory, f"{basename}-{int(step)}")
     if _prefix_exists(prefix):
         # Swapping files of a live checkpoint cannot be atomic; steps only move forward.
@@ -151,6 +207,7 @@ def save(
     tmp_prefix = f"{prefix}.tmp{os.getpid()}"
     names = sorted(tensors)
     try:
+        os.makedirs(directory, exist_ok=True)
         tf.raw_ops.SaveV2(
             prefix=tmp_prefix,
             tensor_names=names,
@@ -167,8 +224,12 @@ def save(
     except (tf.errors.OpError, OSError) as e:
         _remove_files(tmp_prefix)
         raise CheckpointError(f"could not write checkpoint {prefix}: {_first_line(e)}") from None
-    kept = _update_state(directory, prefix, keep, basename)
-    _remove_stale(directory, basename, kept)
+    try:
+        kept = _update_state(directory, prefix, keep, basename)
+        _remove_stale(directory, basename, kept)
+    except OSError as e:  # The checkpoint itself is complete: `latest` finds it by its step.
+        raise CheckpointError(f"wrote checkpoint {prefix} but could not update the '{STATE_FILE}' file "
+                              f"or remove old checkpoints in {directory}: {_first_line(e)}") from None
     return prefix
 
 

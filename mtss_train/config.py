@@ -2,9 +2,11 @@
 
 import dataclasses
 import json
+import math
 import os
 
 from mtss_train import trunk
+from mtss_train.data.images import DEFAULT_MAX_PIXELS, TFRECORD_IMAGE_KEY
 from mtss_train.errors import MtssError
 from mtss_train.task import Task, TaskConfig, make_config, task_class
 
@@ -29,6 +31,8 @@ class TrainConfig:
     data: str | None = None  # Shared images; None: the embedded sample photos.
     eval_data: str | None = None  # Held-out shared images, evaluated after every checkpoint.
     eval_batches: int = 10  # Batches per task and evaluation.
+    image_key: str = TFRECORD_IMAGE_KEY  # TFRecord feature holding the encoded image.
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # Larger images are skipped (header read only).
     schedule: str = "round_robin"
     task_weights: list[float] | None = None
     max_steps: int = 200_000
@@ -61,6 +65,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises MtssError naming the first bad setting."""
+        for field in dataclasses.fields(self):
+            values = getattr(self, field.name)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise MtssError(f"--{field.name} must be finite, got {values}")
         checks = [
             (bool(self.tasks), "--tasks is empty"),
             (len(set(self.tasks)) == len(self.tasks), f"--tasks repeats a task: {self.tasks}"),
@@ -83,6 +92,8 @@ class TrainConfig:
                  self.keep_checkpoints) >= 1, "step intervals and --keep_checkpoints must be >= 1"),
             (self.eval_batches >= 1, "--eval_batches must be >= 1"),
             (self.lasso_l1 >= 0, "--lasso_l1 must be >= 0"),
+            (self.max_image_pixels >= 1, "--max_image_pixels must be >= 1"),
+            (bool(self.image_key), "--image_key must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,6 +118,10 @@ def build_tasks(config: TrainConfig) -> list[Task]:
         cls = task_class(spec)
         overrides = {**config.task_params.get(cls.name, {}), **config.task_params.get(spec, {})}
         task_config = make_config(cls, overrides)
+        for field in dataclasses.fields(task_config):
+            value = getattr(task_config, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MtssError(f"{cls.name}.{field.name} must be finite, got {value}")
         try:
             tasks.append(cls(task_config))
         except MtssError as e:
@@ -117,14 +132,49 @@ def build_tasks(config: TrainConfig) -> list[Task]:
     return tasks
 
 
+def resolved(config: TrainConfig, tasks: list[Task]) -> dict:
+    """Every resolved setting, trainer and tasks, as flags.json holds it."""
+    values = dataclasses.asdict(config)
+    values["task_configs"] = {t.name: dataclasses.asdict(t.config) for t in tasks}
+    return json.loads(json.dumps(values))  # Tuples as lists, as read back from the file.
+
+
 def write_config(config: TrainConfig, tasks: list[Task], path: str) -> None:
-    """Writes the resolved configuration (trainer and every task) as JSON, atomically."""
-    resolved = dataclasses.asdict(config)
-    resolved["task_configs"] = {t.name: dataclasses.asdict(t.config) for t in tasks}
+    """Writes the resolved configuration (trainer and every task) as JSON, atomically.
+
+    Raises:
+      MtssError: if the file cannot be written (read-only directory, disk full, ...).
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(resolved(config, tasks), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise MtssError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-__all__ = ["TrainConfig", "TaskConfig", "build_tasks", "write_config"]
+# Trainer settings that change which variables exist or their shapes.
+_SHAPE_SETTINGS = ("tasks", "trunk_size", "lasso", "optimizer")
+
+
+def changed_settings(path: str, config: TrainConfig, tasks: list[Task]) -> list[str]:
+    """Settings that shape variables and differ from the flags.json at `path`, as
+    '--task_param rp.head_width=256 (was 512)'; [] if the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return []
+    now = resolved(config, tasks)
+    changed = [f"--{key}={now[key]} (was {before.get(key)})" for key in _SHAPE_SETTINGS if now[key] != before.get(key)]
+    for task, settings in now["task_configs"].items():
+        old = before.get("task_configs", {}).get(task, {})
+        changed += [f"--task_param {task}.{key}={value} (was {old[key]})" for key, value in settings.items()
+                    if key in old and old[key] != value and key not in ("data", "eval_data")]
+    return changed
+
+
+__all__ = ["TrainConfig", "TaskConfig", "build_tasks", "changed_settings", "write_config"]

@@ -8,6 +8,7 @@ kind and path share one Source, so a bad file is counted once however many tasks
 from typing import Iterator, Sequence
 
 from mtss_train.compat import tf
+from mtss_train.data.images import ReadOptions, read_options
 from mtss_train.data.source import Source
 from mtss_train.errors import MtssError
 from mtss_train.task import Task
@@ -15,10 +16,17 @@ from mtss_train.task import Task
 SHARED_KIND = "images"
 
 
-def open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: bool = False) -> dict[str, Source]:
+def open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: bool = False,
+                 options: ReadOptions | None = None) -> dict[str, Source]:
     """Task name -> its Source. With `eval_split`, the tasks' held-out sources instead:
     `TASK.eval_data`, else `shared_path` for tasks of the shared kind; tasks with neither
-    are left out (they are not evaluated)."""
+    are left out (they are not evaluated). `options` (TFRecord image key, pixel limit)
+    apply to the photos sources the tasks open."""
+    with read_options(options or ReadOptions()):
+        return _open_sources(tasks, shared_path, eval_split)
+
+
+def _open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: bool) -> dict[str, Source]:
     opened: dict[tuple[str, str | None], Source] = {}
     sources = {}
     for task in tasks:

@@ -3,16 +3,22 @@
 A checkpoint holds every model variable under its slim name, `global_step` (the
 optimizer's iteration count) and the optimizer's slots under `optimizer/<slim name>`.
 Resume and warm start follow tensorflow/models slim: a checkpoint in the train dir wins;
-otherwise `init_checkpoint` warm-starts the model variables it matches.
+otherwise `init_checkpoint` warm-starts the model variables it matches. A resume restores
+everything or fails: a variable whose shape differs is an error naming the setting that
+changed, not a silent fresh start. Damaged newer checkpoints are skipped (and named); the
+newest readable one wins.
 """
 
+import os
 from typing import Sequence
 
 from absl import logging
 
 from mtss_train import checkpoints, trunk
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.config import TrainConfig, changed_settings
+from mtss_train.errors import CheckpointError, MtssError, UnreadableCheckpointError
+from mtss_train.failures import explained
 from mtss_train.model import MultiTaskModel
 from mtss_train.optim import make_optimizer
 from mtss_train.slim_layer import slim_name
@@ -41,6 +47,9 @@ class TrainingState:
                 harmonize=config.harmonize, lasso_l1=config.lasso_l1 if config.lasso else None,
             )
             self.optimizer = make_optimizer(config)
+        self.unreadable: list[tuple[str, str]] = []  # Train-dir checkpoints skipped: (prefix, why).
+        self._resume_from: str | None = None
+        self._resume_searched = False
 
     @property
     def step(self) -> int:
@@ -60,31 +69,55 @@ class TrainingState:
         """Creates every variable: the model by one forward pass per task, optimizer slots."""
         for task in self.tasks:
             local = self.strategy.experimental_local_results(batches[task.name])[0]
-            with self.strategy.scope():
+            with self.strategy.scope(), explained([task], "building the network on its first batch"):
                 self.model(task.name, local, training=False)
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables([t.name for t in self.tasks]))
         self.built = True
 
+    def resume_checkpoint(self) -> str | None:
+        """The newest readable checkpoint in the train dir (None: start afresh), naming any
+        newer unreadable one it skipped.
+
+        Raises:
+          CheckpointError: if the train dir has checkpoints and none of them is readable.
+        """
+        if not self._resume_searched:
+            skipped = {prefix for prefix, _ in self.unreadable}
+            prefix, newly = checkpoints.newest_readable(self.config.train_dir, exclude=skipped)
+            for bad, why in newly:
+                logging.warning("skipping the unreadable checkpoint %s: %s", bad, why)
+            self.unreadable += newly
+            if prefix is None and self.unreadable:
+                raise CheckpointError(
+                    f"none of the {len(self.unreadable)} checkpoint(s) in --train_dir {self.config.train_dir} "
+                    f"is readable (the newest: {self.unreadable[0][1]}); move them away to start afresh"
+                )
+            self._resume_from, self._resume_searched = prefix, True
+        return self._resume_from
+
     def checkpoint_step(self) -> int:
         """The global step a resume would start from (0 if the train dir has no checkpoint)."""
-        latest = checkpoints.latest(self.config.train_dir)
-        if latest is None or GLOBAL_STEP not in checkpoints.read_specs(latest):
-            return 0
-        return int(checkpoints.read_tensors(latest, [GLOBAL_STEP])[GLOBAL_STEP])
+        prefix = self.resume_checkpoint()
+        try:
+            if prefix is None or GLOBAL_STEP not in checkpoints.read_specs(prefix):
+                return 0
+            return int(checkpoints.read_tensors(prefix, [GLOBAL_STEP])[GLOBAL_STEP])
+        except UnreadableCheckpointError:
+            return 0  # `restore` skips it and says so.
 
     def restore(self) -> int:
         """Resumes from the train dir, else warm-starts from init_checkpoint; returns the step."""
         config = self.config
-        latest = checkpoints.latest(config.train_dir)
-        if latest:
-            if config.init_checkpoint:
-                logging.info("resuming from %s; --init_checkpoint is ignored", latest)
-            report = checkpoints.restore_variables(
-                self.variables(), latest, required_scopes=trunk.TRUNK_SCOPES + (GLOBAL_STEP,)
-            )
-            logging.info("resumed from %s at step %d:\n%s", latest, self.step, report.format())
-        elif config.init_checkpoint:
+        while self.resume_checkpoint():
+            try:
+                self._resume(self.resume_checkpoint())
+                return self.step
+            except UnreadableCheckpointError as e:  # Damage the size check could not see.
+                logging.warning("skipping the unreadable checkpoint %s: %s", self._resume_from, e)
+                self.unreadable.append((self._resume_from, str(e)))
+                self._resume_searched = False
+        if config.init_checkpoint:
             # A warm start that misses trunk weights is a wrong checkpoint, not a fresh start.
             required = [s for s in trunk.TRUNK_SCOPES if not s.startswith(tuple(config.exclude_scopes))]
             report = checkpoints.restore_variables(
@@ -93,6 +126,36 @@ class TrainingState:
             )
             logging.info("warm start from %s:\n%s", config.init_checkpoint, report.format())
         return self.step
+
+    def _resume(self, prefix: str) -> None:
+        if self.config.init_checkpoint:
+            logging.info("resuming from %s; --init_checkpoint is ignored", prefix)
+        variables = self.variables()
+        report = checkpoints.match({n: checkpoints.spec_of(v) for n, v in variables.items()}, prefix)
+        if report.mismatched:
+            raise CheckpointError(self._mismatch_message(report))
+        report = checkpoints.restore_variables(variables, prefix, required_scopes=trunk.TRUNK_SCOPES + (GLOBAL_STEP,))
+        logging.info("resumed from %s at step %d:\n%s", prefix, self.step, report.format())
+
+    def _mismatch_message(self, report: checkpoints.RestoreReport) -> str:
+        model_first = sorted(report.mismatched, key=lambda item: item[0].startswith(OPTIMIZER_SCOPE))
+        examples = ", ".join(f"{name} {now} (checkpoint: {saved})" for name, now, saved in model_first[:3])
+        changed = changed_settings(os.path.join(self.config.train_dir, "flags.json"), self.config, self.tasks)
+        fix = (f"settings changed since the run that wrote it (flags.json): {', '.join(changed)}; set them back"
+               if changed else "restore the settings it was trained with (see flags.json in the train dir)")
+        return (f"cannot resume from {report.checkpoint}: {len(report.mismatched)} variable(s) differ in shape "
+                f"or dtype, e.g. {examples}; {fix}, or use a new --train_dir (with --init_checkpoint "
+                f"{report.checkpoint} to warm-start what still fits)")
+
+    def set_aside_unreadable(self) -> None:
+        """Moves the skipped unreadable checkpoints into `unreadable/`, so this run can save
+        their steps again and later resumes do not trip over them."""
+        for prefix, _ in self.unreadable:  # All found by listing the train dir.
+            try:
+                logging.warning("moved the unreadable checkpoint %s to %s", prefix, checkpoints.set_aside(prefix))
+            except OSError as e:
+                raise MtssError(f"cannot move the unreadable checkpoint {prefix} aside: {e.strerror}") from None
+        self.unreadable = []
 
     def save(self, step: int) -> str | None:
         """Writes a checkpoint (chief only); returns its prefix, None on other workers."""

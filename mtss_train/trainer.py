@@ -7,6 +7,7 @@ head. The pieces: `TrainingState` (model, optimizer, checkpoints), `StepRunner` 
 compiled per-task steps under the strategy), `Reporter` (progress line, TensorBoard).
 """
 
+import contextlib
 import itertools
 import os
 import signal
@@ -20,12 +21,15 @@ from absl import logging
 from mtss_train import checkpoints, inputs, lasso
 from mtss_train.compat import tf
 from mtss_train.config import TrainConfig, build_tasks, write_config
+from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
 from mtss_train.distribution import is_chief, make_strategy
-from mtss_train.errors import MtssError
+from mtss_train.errors import CheckpointError, MtssError
+from mtss_train.failures import explained
 from mtss_train.reporting import Reporter
 from mtss_train.state import TrainingState
 from mtss_train.steps import StepRunner
+from mtss_train.train_dir_lock import TrainDirLock
 
 # Evaluation draws the same batches every time: a fixed seed, apart from training seeds.
 EVAL_SEED = 2**31 - 1
@@ -41,6 +45,8 @@ class TaskSchedule:
         self.names = list(names)
         self.mode = mode
         weights = np.asarray(weights if weights is not None else [1.0] * len(names), np.float64)
+        if not (np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0):
+            raise MtssError(f"task weights must be finite, non-negative and not all zero, got {list(weights)}")
         self.probabilities = weights / weights.sum()
         self.seed = seed
 
@@ -92,8 +98,9 @@ class Trainer:
         self.chief = is_chief(self.strategy)
         inputs.check_batch_sizes(self.tasks, self.strategy.num_replicas_in_sync)
         self.schedule = TaskSchedule([t.name for t in self.tasks], config.schedule, config.task_weights, config.seed)
-        self.sources = inputs.open_sources(self.tasks, config.data)
-        self.eval_sources = inputs.open_sources(self.tasks, config.eval_data, eval_split=True)
+        options = ReadOptions(config.image_key, config.max_image_pixels)
+        self.sources = inputs.open_sources(self.tasks, config.data, options=options)
+        self.eval_sources = inputs.open_sources(self.tasks, config.eval_data, eval_split=True, options=options)
         if config.init_checkpoint:
             checkpoints.resolve(config.init_checkpoint)  # Fails now, not after building.
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
@@ -113,10 +120,20 @@ class Trainer:
         once (see `TrainingState.restore`); returns the global step."""
         if not self.state.built:
             if batches is None:
-                batches = {name: next(it) for name, it in self.iterators(self.sources, self.config.seed).items()}
+                batches = self.first_batches(self.iterators(self.sources, self.config.seed))
             self.state.build(batches)
             self.state.restore()
         return self.state.step
+
+    def first_batches(self, iterators: dict[str, Iterator]) -> dict[str, object]:
+        """One batch of each task, for building; an input too large for memory is an
+        MtssError naming the task's settings, not a ResourceExhaustedError."""
+        batches = {}
+        for task in self.tasks:
+            if task.name in iterators:
+                with explained([task], "making its first batch"):
+                    batches[task.name] = next(iterators[task.name])
+        return batches
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, sources: dict[str, Source], batches: int, seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
@@ -140,25 +157,69 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------
     def train(self) -> str | None:
-        """Trains to max_steps; returns the last checkpoint prefix."""
+        """Trains to max_steps; returns the last checkpoint prefix.
+
+        The chief holds the train dir's lock throughout: a second run on it refuses at start.
+        """
+        writer = None
+        with TrainDirLock(self.config.train_dir) if self.chief else contextlib.nullcontext():
+            try:
+                iterators, first = self._start()
+                writer = self._writer()
+                return self._loop(iterators, first, writer)
+            finally:  # Also after an error: the summaries so far, the inputs skipped so far.
+                if writer is not None:
+                    writer.flush()
+                for source in {id(s): s for s in self.sources.values()}.values():
+                    if source.skipped.count:
+                        logging.warning("inputs skipped in %s: %s", source.path, source.skipped.summary())
+
+    def _start(self) -> tuple[dict[str, Iterator], dict[str, object]]:
+        """Builds and restores (or warm-starts) the model, writes flags.json; returns the
+        batch iterators and the first batch of each task."""
         config = self.config
-        try:
-            os.makedirs(config.train_dir, exist_ok=True)
-        except OSError as e:
-            raise MtssError(f"cannot create --train_dir {config.train_dir}: {e.strerror}") from None
+        if not self.chief:
+            try:
+                os.makedirs(config.train_dir, exist_ok=True)
+            except OSError as e:
+                raise MtssError(f"cannot create --train_dir {config.train_dir}: {e.strerror}") from None
         # Reseeded by the start step, so a resumed run draws new images and pairs.
         start = self.state.step if self.state.built else self.state.checkpoint_step()
         iterators = self.iterators(self.sources, config.seed + start)
-        last_batches = {name: next(it) for name, it in iterators.items()}
-        step = start = self.prepare(last_batches)
+        first = self.first_batches(iterators)
+        self.prepare(first)
         if self.chief:
+            self.state.set_aside_unreadable()
             write_config(config, self.tasks, os.path.join(config.train_dir, "flags.json"))
-        writer = tf.summary.create_file_writer(self.summary_dir) if self.chief else tf.summary.create_noop_writer()
+        return iterators, first
+
+    def _writer(self) -> tf.summary.SummaryWriter:
+        if not self.chief:
+            return tf.summary.create_noop_writer()
+        try:
+            return tf.summary.create_file_writer(self.summary_dir)
+        except (tf.errors.OpError, OSError) as e:
+            raise MtssError(f"cannot write TensorBoard logs in {self.summary_dir}: {e}") from None
+
+    def _save(self, step: int, last_saved: str | None) -> str | None:
+        """Checkpoints `step`; a failed write (e.g. a full disk) says what is still intact."""
+        try:
+            return self.state.save(step) or last_saved
+        except CheckpointError as e:
+            intact = (f"the previous checkpoint {last_saved} is intact: the same command resumes from it once the "
+                      "cause is fixed" if last_saved else "no checkpoint was written yet")
+            raise CheckpointError(f"{e}; {intact}") from None
+
+    def _loop(self, iterators: dict[str, Iterator], last_batches: dict[str, object],
+              writer: tf.summary.SummaryWriter) -> str | None:
+        config = self.config
+        step = start = self.state.step
         reporter = Reporter(self.schedule.names, {t.name: t.config.batch_size for t in self.tasks},
                             self.runner.fetch, writer, config.max_steps)
         fresh = set(last_batches)  # Batches drawn to build the model and not trained on yet.
         last_saved = checkpoints.latest(config.train_dir)
         saved_step = start
+        by_name = {t.name: t for t in self.tasks}
         logging.info("training %s from step %d to %d", ", ".join(self.schedule.names), step, config.max_steps)
         # Workers of a multi-worker job could see a signal at different steps and then wait
         # on each other's checkpoint reads forever; they rely on the periodic checkpoints.
@@ -167,12 +228,13 @@ class Trainer:
             while step < config.max_steps and not stop.received:
                 began = time.perf_counter()
                 names = self.schedule.tasks_at(step)
-                for name in names:
-                    if name in fresh:
-                        fresh.discard(name)
-                    else:
-                        last_batches[name] = next(iterators[name])
-                results = self.runner.run(names, {name: last_batches[name] for name in names})
+                with explained([by_name[n] for n in names], f"at step {step + 1}"):
+                    for name in names:
+                        if name in fresh:
+                            fresh.discard(name)
+                        else:
+                            last_batches[name] = next(iterators[name])
+                    results = self.runner.run(names, {name: last_batches[name] for name in names})
                 step += 1
                 for name in names:
                     reporter.record(step, name, results[name], time.perf_counter() - began)
@@ -187,14 +249,13 @@ class Trainer:
                 if due["summary"]:
                     self._write_summaries(reporter, step, last_batches)
                 if due["save"]:
-                    last_saved, saved_step = self.state.save(step) or last_saved, step
+                    last_saved, saved_step = self._save(step, last_saved), step
                     if self.eval_sources and not stop.received:
                         reporter.write_evaluation(step, self.evaluate(self.eval_sources, config.eval_batches),
                                                   ", ".join(sorted({s.path for s in self.eval_sources.values()})))
             if stop.received and step != saved_step:  # The signal came after this step's checks.
                 reporter.flush(last_saved)
-                last_saved, saved_step = self.state.save(step) or last_saved, step
-        writer.flush()
+                last_saved, saved_step = self._save(step, last_saved), step
         if stop.received:
             self.stopped_by = stop.received
             logging.warning("%s: stopped at step %d after saving %s; the same command resumes",

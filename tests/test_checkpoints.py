@@ -1,3 +1,4 @@
+import errno
 import os
 import random
 import subprocess
@@ -236,3 +237,56 @@ def test_nothing_matched_is_an_error(tmp_path):
     checkpoints.save(str(tmp_path), {"other/x": np.float32(1)}, 1)
     with pytest.raises(CheckpointError, match="no variable of the model matched"):
         checkpoints.restore_variables({"net/a": tf.Variable(1.0)}, str(tmp_path))
+
+
+def test_newest_readable_skips_damaged_checkpoints_saying_why(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoints.save(str(tmp_path), {"x": np.full([1000], step, np.float32)}, step)
+    os.truncate(tmp_path / "model.ckpt-4.data-00000-of-00001", 100)
+    os.remove(tmp_path / "model.ckpt-3.data-00000-of-00001")
+    (tmp_path / "model.ckpt-9.index").write_bytes(b"")  # A stray empty index.
+    prefix, skipped = checkpoints.newest_readable(str(tmp_path))
+    assert prefix == str(tmp_path / "model.ckpt-2")
+    assert [(os.path.basename(p), why.split(": ", 1)[0]) for p, why in skipped] == [
+        ("model.ckpt-9", f"cannot read checkpoint {tmp_path}/model.ckpt-9"),
+        ("model.ckpt-4", f"checkpoint {tmp_path}/model.ckpt-4 is truncated"),
+        ("model.ckpt-3", f"checkpoint {tmp_path}/model.ckpt-3 has no data file (model.ckpt-3.data-*)"),
+    ]
+    assert checkpoints.newest_readable(str(tmp_path), exclude=[prefix])[0] == str(tmp_path / "model.ckpt-1")
+
+
+def test_a_set_aside_checkpoint_is_out_of_every_listing_and_sweep(tmp_path):
+    for step in (1, 2):
+        checkpoints.save(str(tmp_path), {"x": np.float32(step)}, step)
+    assert checkpoints.set_aside(str(tmp_path / "model.ckpt-2")) == str(tmp_path / "unreadable")
+    assert sorted(os.listdir(tmp_path / "unreadable")) == ["model.ckpt-2.data-00000-of-00001", "model.ckpt-2.index"]
+    assert checkpoints.candidates(str(tmp_path)) == [str(tmp_path / "model.ckpt-1")]
+    checkpoints.save(str(tmp_path), {"x": np.float32(2)}, 2, keep=1)  # The step can be saved again.
+    assert checkpoints.read_tensors(str(tmp_path))["x"] == 2
+    assert len(os.listdir(tmp_path / "unreadable")) == 2
+
+
+def test_a_full_disk_at_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoints.save(str(tmp_path), {"x": np.float32(1)}, 1)
+    before = sorted(os.listdir(tmp_path))
+
+    def fsync(path: str) -> None:  # Delayed allocation: a full disk shows at fsync.
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints, "_fsync", fsync)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*model.ckpt-2: .*No space left on device"):
+        checkpoints.save(str(tmp_path), {"x": np.float32(2)}, 2)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert checkpoints.read_tensors(str(tmp_path))["x"] == 1
+
+
+def test_a_failed_state_file_update_is_an_error_but_the_new_checkpoint_counts(tmp_path, monkeypatch):
+    checkpoints.save(str(tmp_path), {"x": np.float32(1)}, 1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints, "_update_state", full)
+    with pytest.raises(CheckpointError, match="wrote checkpoint .*model.ckpt-2 but could not update"):
+        checkpoints.save(str(tmp_path), {"x": np.float32(2)}, 2)
+    assert checkpoints.read_tensors(str(tmp_path))["x"] == 2

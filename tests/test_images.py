@@ -1,7 +1,9 @@
 """Image input: directories and TFRecords, bad files skipped and counted, clear errors."""
 
+import logging
 import os
 import threading
+import zlib
 
 import cv2
 import numpy as np
@@ -9,8 +11,8 @@ import pytest
 import skimage.data
 
 from mtss_train.compat import tf
-from mtss_train.data import sample
-from mtss_train.data.images import TFRECORD_IMAGE_KEY, find_sources, image_source
+from mtss_train.data import image_headers, sample
+from mtss_train.data.images import TFRECORD_IMAGE_KEY, ReadOptions, find_sources, image_source
 from mtss_train.errors import DataError
 
 
@@ -82,7 +84,7 @@ def test_corrupt_records_and_truncated_tfrecord_files_are_skipped(tmp_path):
     source = image_source(str(tmp_path), 32)
     shapes = set(take_shapes(source, 6))
     assert (400, 600, 3) in shapes and shapes <= {(400, 600, 3), (512, 512, 3)}
-    assert source.skipped.count >= 1  # The undecodable record; truncated data is dropped by tf.data.
+    assert source.skipped.count == 2  # The undecodable record and the truncated file.
 
 
 def test_tfrecords_without_a_decodable_image_fail_fast(tmp_path):
@@ -143,3 +145,86 @@ def test_a_link_back_up_the_tree_is_listed_once_not_forever(tmp_path):
     assert not worker.is_alive(), "listing a directory with a link loop did not end"
     kind, paths = listing[0]
     assert kind == "files" and len(paths) == 1 and paths[0].endswith("cat.png")
+
+
+def test_tfrecords_with_another_image_key_say_which_keys_they_have(tmp_path):
+    with tf.io.TFRecordWriter(str(tmp_path / "a.tfrecord")) as writer:
+        for image in (skimage.data.coffee(), skimage.data.chelsea()):
+            feature = {"image/jpeg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png(image)])),
+                       "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    with pytest.raises(DataError) as error:
+        image_source(str(tmp_path), 32)
+    assert str(error.value) == (
+        f"the TFRecords in {tmp_path} have no 'image/encoded' feature, which should hold the encoded image; "
+        "their records have: image/jpeg, label (pick one with --image_key)")
+    source = image_source(str(tmp_path), 32, ReadOptions(image_key="image/jpeg"))
+    assert sorted(take_shapes(source, 2)) == [(300, 451, 3), (400, 600, 3)]
+
+
+def test_a_truncated_tfrecord_file_is_named_in_a_warning_and_counted_once(tmp_path, caplog):
+    write_records(str(tmp_path / "a.tfrecord"), [png(skimage.data.coffee())] * 2)
+    truncated = write_records(str(tmp_path / "b.tfrecord"), [png(skimage.data.astronaut())] * 4)
+    os.truncate(truncated, os.path.getsize(truncated) // 2 + 1000)  # Two whole records, then half of one.
+    source = image_source(str(tmp_path), 32)
+    with caplog.at_level(logging.WARNING):
+        shapes = [tuple(i.shape) for i in source.dataset(seed=0).take(12)]  # Three epochs.
+    assert shapes.count((512, 512, 3)) == 6  # The two records before the damage, each epoch.
+    named = [r for r in caplog.records if truncated in r.getMessage()]
+    assert len(named) == 1 and named[0].levelno == logging.WARNING
+    assert "truncated or corrupt TFRecord file (read 2 records" in named[0].getMessage()
+    assert source.skipped.count == 1
+
+
+def test_files_that_cannot_be_opened_are_reported_as_unreadable(tmp_path):
+    os.symlink(tmp_path / "moved_away.jpg", tmp_path / "gone.jpg")  # A link to a moved file.
+    expected = ["1 could not be read", "gone.jpg (No such file or directory)"]
+    if os.geteuid() != 0:  # Root reads whatever the permissions say.
+        write_photo(str(tmp_path / "locked.png"), skimage.data.chelsea())
+        os.chmod(tmp_path / "locked.png", 0)
+        expected[0] = "2 could not be read"
+    with pytest.raises(DataError) as error:
+        image_source(str(tmp_path), 32)
+    assert all(fragment in str(error.value) for fragment in expected), error.value
+
+
+def png_claiming(height: int, width: int) -> bytes:
+    """A small PNG whose header (with a valid checksum) claims height x width pixels."""
+    data = bytearray(png(np.zeros([40, 40, 3], np.uint8)))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR's first fields.
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # Over IHDR's type and data.
+    return bytes(data)
+
+
+def test_headers_give_the_size_without_decoding():
+    photo = skimage.data.chelsea()
+    jpeg = cv2.imencode(".jpg", photo)[1].tobytes()
+    assert image_headers.image_size(png(photo)) == image_headers.image_size(jpeg) == (300, 451)
+    assert image_headers.image_size(png_claiming(12_000, 13_000)) == (12_000, 13_000)
+    assert image_headers.image_size(b"GIF89a...") is None
+
+
+def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path, monkeypatch):
+    write_photo(str(tmp_path / "cat.png"), skimage.data.chelsea())  # 135,300 pixels.
+    write_photo(str(tmp_path / "coffee.jpg"), skimage.data.coffee())  # 240,000 pixels.
+    (tmp_path / "huge.png").write_bytes(png_claiming(12_000, 12_000))
+    decoded = []
+    real_decode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flags: decoded.append(len(data)) or real_decode(data, flags))
+    source = image_source(str(tmp_path), 32, ReadOptions(max_pixels=200_000))
+    assert set(take_shapes(source, 4)) == {(300, 451, 3)}
+    assert source.skipped.reasons() == {
+        str(tmp_path / "coffee.jpg"): "too many pixels (600x400 = 0.2M, over the limit of 0.2M, --max_image_pixels)",
+        str(tmp_path / "huge.png"): "too many pixels (12000x12000 = 144.0M, over the limit of 0.2M, --max_image_pixels)",
+    }
+    assert set(decoded) == {os.path.getsize(tmp_path / "cat.png")}  # Only the small one was decoded.
+
+
+def test_a_truncated_png_is_skipped_without_decoder_noise(tmp_path, capfd):
+    good = write_photo(str(tmp_path / "good.png"), skimage.data.chelsea())
+    (tmp_path / "half.png").write_bytes(open(good, "rb").read()[:50_000])
+    source = image_source(str(tmp_path), 32)
+    assert len(take_shapes(source, 4)) == 4
+    assert list(source.skipped.reasons()) == [str(tmp_path / "half.png")]
+    assert source.skipped.reasons()[str(tmp_path / "half.png")].startswith("truncated PNG")
+    assert "libpng" not in capfd.readouterr().err
