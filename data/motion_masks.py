@@ -210,12 +210,7 @@ def extract_directory(videos: str, out: str, settings: MaskSettings, workers: in
     """
     settings.validate()
     paths = video_lib.find_videos(videos)
-    names: dict[str, str] = {}
-    for path in paths:
-        name = video_lib.video_id(path, videos)
-        if name in names:
-            raise DataError(f"{names[name]} and {path} would share the output name {name!r}; rename one")
-        names[name] = path
+    names = video_lib.video_ids(paths, videos)
     _prepare(out, settings)
     write_manifest(out, videos, settings)
     todo = [n for n in names if not os.path.isfile(os.path.join(out, "videos", n + ".json"))]

@@ -151,12 +151,7 @@ def _commit(_, written: list[dict], videos: list[tuple[str, dict]], plan: beam_i
 
 def _check_ids(root: str, paths: list[str]) -> None:
     """Raises DataError if two videos would get one video id (as the command does)."""
-    names: dict[str, str] = {}
-    for path in paths:
-        name = video_lib.video_id(path, root)
-        if name in names:
-            raise DataError(f"{names[name]} and {path} would share the video id {name!r}; rename one")
-        names[name] = path
+    video_lib.video_ids(paths, root)
 
 
 def prepare_masks(pattern: str, output: str, shards: int, settings: MaskSettings,

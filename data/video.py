@@ -58,6 +58,21 @@ def video_id(path: str, root: str) -> str:
     return stem.replace(os.sep, "__").replace("/", "__")
 
 
+def video_ids(paths: list[str], root: str) -> dict[str, str]:
+    """{video_id: path} of videos found under `root`.
+
+    Raises:
+      DataError: if two videos would share one id (their outputs would collide).
+    """
+    names: dict[str, str] = {}
+    for path in paths:
+        name = video_id(path, root)
+        if name in names:
+            raise DataError(f"{names[name]} and {path} would share the video id {name!r}; rename one")
+        names[name] = path
+    return names
+
+
 def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     """(width, height) shrunk so the longer side is at most `max_side` (never enlarged)."""
     if max_side is None or max(width, height) <= max_side:
