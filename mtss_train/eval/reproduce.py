@@ -1,0 +1,322 @@
+"""The paper's two claims at a scale two CPU cores can run, by one command.
+
+    python -m mtss_train.eval.reproduce [--out runs/reproduce] [--seeds 0,1,2] [--steps N]
+
+Claim 1: each self-supervised task gives block3 a better representation than random init.
+Claim 2: the combination of tasks beats every task alone. For each seed, one random tiny
+slim ResNet-v2 trunk (the 101's code path with fewer units) is written as a checkpoint; every
+arm warm-starts from it and trains the same number of optimizer steps (the budget: the
+combination's steps are shared round-robin, so it gets no more updates than one task), then
+the linear probe of `mtss_train.eval.linear_probe` judges the random trunk and every trained
+one on the same Fashion-MNIST split (3x3 pooled block3, L2 chosen on a validation split of
+the training images, the test split scored once). Results: a table (mean +- std over seeds)
+on stdout and `results.json` in --out.
+
+Unlabelled data. rp and ex read the 60,000 Fashion-MNIST training images (labels never read),
+enlarged to the probe's 96 px exactly as the probe enlarges them. Fashion-MNIST is grey, so
+it has no colour to predict: col reads the colour data every install has, the embedded
+street clip's frames plus scikit-image's photos. ms reads the embedded clip's motion masks,
+the only video that ships. Every run is a `python -m mtss_train` process, as a user runs it;
+an arm whose checkpoint exists is not trained again, so a killed run picks up where it was.
+"""
+
+from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+
+import os
+
+# As in linear_probe: the probe's thin matrix products gain nothing from more BLAS threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import cv2
+from absl import app, flags
+
+from mtss_train import checkpoints, loader
+from mtss_train.compat import tf
+from mtss_train.data.clip import sample_clip_masks
+from mtss_train.data.labelled import fit_square, open_labelled, read_idx
+from mtss_train.data.masks import FRAMES_DIR
+from mtss_train.data.sample import sample_photo_paths
+from mtss_train.errors import DataError, MtssError, cli_main
+from mtss_train.eval import features as feats
+from mtss_train.eval import linear_probe
+
+RANDOM_ARM = "random"
+COMBINED_ARM = "rp+col+ex+ms"
+ARMS = {"rp": ("rp",), "col": ("col",), "ex": ("ex",), "ms": ("ms",), COMBINED_ARM: ("rp", "col", "ex", "ms")}
+IMAGE_SIZE = 96  # The tiny trunk's probe input side (features.DEFAULT_IMAGE_SIZE).
+TRUNK_SIZE = "tiny"
+INIT_BASENAME = "init"
+
+# Each task's settings for 96 px inputs on the tiny trunk (the defaults are the paper's, for
+# ~400 px ImageNet images and the 101). rp: a 3x3 grid of 32 px patches with 8 px gaps over
+# the image enlarged to 120 px; ex: seed patches of half to all of the image, since the
+# garment fills a Fashion-MNIST image; col and ms: 96 px crops, as the probe sees.
+TASK_PARAMS = {
+    "rp": {"batch_size": 32, "patch_size": 32, "gap": 8, "jitter": 4, "min_pixels": 120 * 120,
+           "max_pixels": 120 * 120},
+    "ex": {"batch_size": 32, "crop_size": IMAGE_SIZE, "seed_fraction": "0.5,1.0"},
+    "col": {"batch_size": 16, "crop": IMAGE_SIZE, "resize_side": 128},
+    "ms": {"batch_size": 16, "crop": IMAGE_SIZE},
+}
+# Shared by every arm; the rest are the trainer's defaults.
+TRAIN_FLAGS = ("--batch_norm_decay=0.9",)  # Short runs need fast BN moving averages.
+
+_OUT = flags.DEFINE_string("out", "runs/reproduce", "Working directory: data, one train dir per arm and seed, results.json.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one a random init, data order and probe split.")
+_STEPS = flags.DEFINE_integer("steps", 3000, "The budget: optimizer steps of every arm.", lower_bound=1)
+_ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to pre-train (the random init is always probed): {', '.join(ARMS)}.")
+_FASHION_MNIST = flags.DEFINE_string("fashion_mnist", "/usr/share/datasets/fashion-mnist",
+                                     "Directory of Fashion-MNIST's idx files (Debian: dataset-fashion-mnist).")
+_UNLABELLED_LIMIT = flags.DEFINE_integer("unlabelled_limit", None, "Use the first N training images for pre-training.", lower_bound=1)
+_PROBE_LIMIT = flags.DEFINE_integer("probe_limit", 10_000, "Probe on the first N training and N test images.", lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate of every arm.", lower_bound=0)
+_TINY = flags.DEFINE_bool("tiny", False, "A check that everything runs: 4 steps, 300 unlabelled and 200 probe images, seed 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    out: str
+    seeds: tuple[int, ...]
+    arms: tuple[str, ...]
+    steps: int
+    learning_rate: float
+    fashion_mnist: str
+    unlabelled_limit: int | None
+    probe_limit: int
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.out, "data")
+
+    def train_dir(self, arm: str, seed: int) -> str:
+        return os.path.join(self.out, "arms", arm.replace("+", "_"), f"seed{seed}")
+
+    def init_dir(self, seed: int) -> str:
+        return os.path.join(self.out, "init", f"seed{seed}")
+
+
+def plan_from_flags() -> Plan:
+    try:
+        seeds = tuple(int(s) for s in _SEEDS.value)
+    except ValueError:
+        raise MtssError(f"--seeds takes integers, got {','.join(_SEEDS.value)}") from None
+    unknown = [a for a in _ARMS.value if a not in ARMS]
+    if unknown or not _ARMS.value or not seeds:
+        raise MtssError(f"--arms must name some of {', '.join(ARMS)} (got {','.join(_ARMS.value)}) and --seeds at least one")
+    plan = Plan(os.path.abspath(_OUT.value), seeds, tuple(_ARMS.value), _STEPS.value, _LEARNING_RATE.value,
+                _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value)
+    if _TINY.value:
+        plan = dataclasses.replace(plan, seeds=seeds[:1], steps=4, unlabelled_limit=300, probe_limit=200)
+    return plan
+
+
+def fashion_mnist_split(plan: Plan, split: str) -> str:
+    """The idx prefix of a Fashion-MNIST split ('train' or 't10k')."""
+    prefix = os.path.join(plan.fashion_mnist, split)
+    if not os.path.isfile(prefix + "-images-idx3-ubyte.gz"):
+        raise DataError(f"Fashion-MNIST is not in {plan.fashion_mnist} (no {split}-images-idx3-ubyte.gz): "
+                        "install Debian's dataset-fashion-mnist or pass --fashion_mnist")
+    return prefix
+
+
+def write_unlabelled_images(plan: Plan) -> str:
+    """Fashion-MNIST's training images as PNG TFRecords at the probe's size; labels left out.
+
+    Written once under --out (to a temporary name, then renamed), reused by later runs."""
+    limit = plan.unlabelled_limit
+    path = os.path.join(plan.data_dir, f"fashion_mnist_train_{IMAGE_SIZE}px_{limit or 'all'}.tfrecord")
+    if os.path.isfile(path):
+        return path
+    images = read_idx(fashion_mnist_split(plan, "train") + "-images-idx3-ubyte.gz")[:limit]
+    os.makedirs(plan.data_dir, exist_ok=True)
+    partial = f"{path}.tmp{os.getpid()}"
+    with tf.io.TFRecordWriter(partial) as writer:
+        for image in images:
+            png = cv2.imencode(".png", fit_square(image, IMAGE_SIZE))[1].tobytes()
+            feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    os.replace(partial, path)
+    return path
+
+
+def colour_image_dir(plan: Plan) -> str:
+    """A directory of links to the colour images every install has: the embedded clip's
+    frames and scikit-image's photos (the clip alone is one street seen from one camera)."""
+    directory = os.path.join(plan.data_dir, "colour")
+    os.makedirs(directory, exist_ok=True)
+    targets = {"street_clip_frames": os.path.join(sample_clip_masks(), FRAMES_DIR)}
+    targets.update({os.path.basename(p): p for p in sample_photo_paths()})
+    for name, target in targets.items():
+        link = os.path.join(directory, name)
+        if os.path.islink(link) and os.readlink(link) != target:
+            os.remove(link)  # The clip's cache moved (other extractor settings or cache dir).
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    return directory
+
+
+def write_init_checkpoint(plan: Plan, seed: int) -> str:
+    """The seed's random trunk as a slim-name checkpoint: every arm of the seed starts here."""
+    directory = plan.init_dir(seed)
+    found = checkpoints.latest(directory)
+    if found:
+        return found
+    tf.random.set_seed(seed)
+    layer = loader.trunk_layer(TRUNK_SIZE)
+    return checkpoints.save(directory, {n: v.numpy() for n, v in layer.variables_by_name().items()}, 0,
+                            basename=INIT_BASENAME)
+
+
+def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> list[str]:
+    tasks = ARMS[arm]
+    command = [sys.executable, "-m", "mtss_train", f"--tasks={','.join(tasks)}", f"--trunk_size={TRUNK_SIZE}",
+               f"--train_dir={plan.train_dir(arm, seed)}", f"--init_checkpoint={init}",
+               f"--max_steps={plan.steps}", f"--seed={seed}", f"--learning_rate={plan.learning_rate}",
+               f"--save_every_steps={max(plan.steps // 4, 1)}", f"--summary_every_steps={max(plan.steps // 10, 1)}",
+               f"--log_every_steps={max(plan.steps // 10, 1)}", *TRAIN_FLAGS]
+    if "rp" in tasks or "ex" in tasks:
+        command.append(f"--data={sources['fashion_mnist']}")
+    if "col" in tasks:
+        command.append(f"--task_param=col.data={sources['colour']}")
+    for task in tasks:
+        command += [f"--task_param={task}.{key}={value}" for key, value in TASK_PARAMS[task].items()]
+    return command
+
+
+def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> float:
+    """Trains one arm to the budget in its own process; its progress lines are shown, all of
+    its output is kept in train.log. Returns the seconds it took (0 if it was done before).
+
+    Raises:
+      MtssError: the run failed, with its last line and the log's path.
+    """
+    directory = plan.train_dir(arm, seed)
+    done = checkpoints.latest(directory)
+    if done and done.endswith(f"-{plan.steps}"):
+        return 0.0
+    os.makedirs(directory, exist_ok=True)
+    log_path = os.path.join(directory, "train.log")
+    start = time.monotonic()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(log_path, "a") as log, subprocess.Popen(
+            train_command(plan, arm, seed, init, sources), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env) as process:
+        last = ""
+        for line in process.stdout:
+            log.write(line)
+            if line.strip():
+                last = line.strip()
+            if " step " in line and "eta" in line:
+                print(f"    {arm} seed {seed}: {line.split('] ', 1)[-1].strip()}", file=sys.stderr, flush=True)
+    if process.returncode != 0:
+        raise MtssError(f"pre-training {arm} (seed {seed}) failed with exit code {process.returncode}: "
+                        f"{last} (full output: {log_path})")
+    return time.monotonic() - start
+
+
+def probe(plan: Plan, name: str, checkpoint: str, seed: int) -> dict:
+    """The linear probe's result for one trunk, on the plan's Fashion-MNIST split."""
+    train = open_labelled(fashion_mnist_split(plan, "train"))
+    test = open_labelled(fashion_mnist_split(plan, "t10k"), classes=train.classes)
+    settings = feats.Settings(trunk_size=TRUNK_SIZE, grid=3, image_size=IMAGE_SIZE, seed=seed)
+    result = linear_probe.run_probe(checkpoint, train, test, settings, plan.probe_limit,
+                                    os.path.join(plan.out, "feature_cache"), seed=seed,
+                                    l2_grid=linear_probe.DEFAULT_L2_GRID, val_fraction=0.2, max_iter=1000)
+    print(f"    {name} seed {seed}: {linear_probe.summary(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(plan: Plan, runs: dict[str, dict[int, dict]]) -> dict:
+    """Per-arm means and the two claims' figures, from per-arm, per-seed probe results."""
+    arms = {}
+    for arm, by_seed in runs.items():
+        top1 = [by_seed[s]["test_top1"] for s in plan.seeds]
+        mean, std = mean_std(top1)
+        arms[arm] = {"tasks": list(ARMS.get(arm, ())), "test_top1_mean": mean, "test_top1_std": std,
+                     "val_top1_mean": statistics.fmean(by_seed[s]["val_top1"] for s in plan.seeds),
+                     "train_seconds_mean": statistics.fmean(by_seed[s]["train_seconds"] for s in plan.seeds),
+                     "seeds": {str(s): by_seed[s] for s in plan.seeds}}
+    random_mean = arms[RANDOM_ARM]["test_top1_mean"]
+    singles = [a for a in plan.arms if a != COMBINED_ARM]
+    best_single = max(singles, key=lambda a: arms[a]["test_top1_mean"]) if singles else None
+    best = max(plan.arms, key=lambda a: arms[a]["test_top1_mean"])
+    claims = {
+        "best_arm": best, "best_gain_over_random": arms[best]["test_top1_mean"] - random_mean,
+        "best_single_task": best_single,
+        "arms_beating_random": [a for a in plan.arms if arms[a]["test_top1_mean"] > random_mean],
+        "combined_minus_best_single": (arms[COMBINED_ARM]["test_top1_mean"] - arms[best_single]["test_top1_mean"]
+                                       if best_single and COMBINED_ARM in arms else None),
+    }
+    return {"arms": arms, "claims": claims}
+
+
+def table(summary: dict) -> str:
+    arms = summary["arms"]
+    random_mean = arms[RANDOM_ARM]["test_top1_mean"]
+    rows = [("arm", "test top-1 (mean +- std)", "vs random", "val top-1", "per seed", "train min")]
+    for arm, found in arms.items():
+        per_seed = " ".join(f"{r['test_top1']:.4f}" for r in found["seeds"].values())
+        gain = "" if arm == RANDOM_ARM else f"{100 * (found['test_top1_mean'] - random_mean):+.2f} pt"
+        rows.append((arm, f"{found['test_top1_mean']:.4f} +- {found['test_top1_std']:.4f}", gain,
+                     f"{found['val_top1_mean']:.4f}", per_seed, f"{found['train_seconds_mean'] / 60:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def budget_line(plan: Plan) -> str:
+    return (f"budget: {plan.steps} optimizer steps per arm ({TRUNK_SIZE} trunk, learning rate "
+            f"{plan.learning_rate:g}; the combination's steps are shared round-robin by its tasks); "
+            f"probe: first {plan.probe_limit:,} Fashion-MNIST training / test images, seeds "
+            f"{','.join(map(str, plan.seeds))}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise MtssError(f"unexpected arguments {' '.join(argv[1:])}; everything is a --flag")
+    plan = plan_from_flags()
+    print(budget_line(plan), file=sys.stderr, flush=True)
+    sources = {"fashion_mnist": write_unlabelled_images(plan), "colour": colour_image_dir(plan)}
+    runs: dict[str, dict[int, dict]] = {arm: {} for arm in (RANDOM_ARM, *plan.arms)}
+    jobs = [(arm, seed) for seed in plan.seeds for arm in plan.arms]
+    start = time.monotonic()
+    for seed in plan.seeds:
+        init = write_init_checkpoint(plan, seed)
+        runs[RANDOM_ARM][seed] = {**probe(plan, RANDOM_ARM, init, seed), "train_seconds": 0.0}
+        for arm in plan.arms:
+            done = sum(len(runs[a]) for a in plan.arms)
+            elapsed = time.monotonic() - start
+            eta = "" if not done else f", ETA {_clock(elapsed / done * (len(jobs) - done))}"
+            print(f"[{done + 1}/{len(jobs)}] pre-training {arm} (seed {seed}), elapsed {_clock(elapsed)}{eta}",
+                  file=sys.stderr, flush=True)
+            seconds = pretrain(plan, arm, seed, init, sources)
+            trained = checkpoints.latest(plan.train_dir(arm, seed))
+            runs[arm][seed] = {**probe(plan, arm, trained, seed), "train_seconds": seconds}
+    summary = summarise(plan, runs)
+    result = {"budget": budget_line(plan), "plan": {**dataclasses.asdict(plan), "task_params": TASK_PARAMS,
+                                                     "train_flags": list(TRAIN_FLAGS)}, **summary}
+    path = os.path.join(plan.out, "results.json")
+    linear_probe.write_json(result, path)
+    print(budget_line(plan))
+    print(table(summary))
+    print(f"results: {path}")
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+if __name__ == "__main__":
+    app.run(cli_main(main))

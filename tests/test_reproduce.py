@@ -1,0 +1,68 @@
+"""The small-scale reproduction, end to end in its tiny mode, and its JSON."""
+
+import json
+import os
+
+import pytest
+
+from mtss_train import checkpoints
+from mtss_train.eval import reproduce
+from conftest import assert_one_line_error, run_cli
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture
+def fashion_mnist() -> str:
+    if not os.path.isdir(FASHION_MNIST):
+        if not os.environ.get("CI"):
+            pytest.skip(f"{FASHION_MNIST} missing: apt-get install dataset-fashion-mnist")
+        pytest.fail(f"CI is set but {FASHION_MNIST} is missing: .ci/run must apt-get install dataset-fashion-mnist")
+    return FASHION_MNIST
+
+
+def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(tmp_path, fashion_mnist):
+    out = tmp_path / "repro"
+    result = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
+                     timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads((out / "results.json").read_text())
+
+    assert set(found["arms"]) == {reproduce.RANDOM_ARM, *reproduce.ARMS}
+    for arm, summary in found["arms"].items():
+        assert list(summary["seeds"]) == ["0"], arm
+        run = summary["seeds"]["0"]
+        assert 0.0 <= run["test_top1"] <= 1.0 and run["test_examples"] == 200 and run["train_examples"] == 200
+        assert summary["test_top1_mean"] == run["test_top1"] and summary["test_top1_std"] == 0.0
+        assert run["feature_shape"] == [3, 3, 128] and run["trunk_size"] == "tiny"
+        assert arm in result.stdout
+    init = checkpoints.latest(str(out / "init" / "seed0"))
+    assert found["arms"][reproduce.RANDOM_ARM]["seeds"]["0"]["checkpoint"] == init
+    plan = reproduce.Plan(str(out), (0,), tuple(reproduce.ARMS), 4, 1e-3, fashion_mnist, 300, 200)
+    for arm, tasks in reproduce.ARMS.items():
+        train_dir = plan.train_dir(arm, 0)
+        assert checkpoints.latest(train_dir).endswith("-4"), arm
+        flags_json = json.loads(open(os.path.join(train_dir, "flags.json")).read())
+        assert flags_json["init_checkpoint"] == init and flags_json["tasks"] == list(tasks)
+        assert found["arms"][arm]["seeds"]["0"]["train_seconds"] > 0
+    claims = found["claims"]
+    assert claims["best_single_task"] in {"rp", "col", "ex", "ms"} and claims["best_arm"] in reproduce.ARMS
+    single = found["arms"][claims["best_single_task"]]["test_top1_mean"]
+    assert claims["combined_minus_best_single"] == pytest.approx(
+        found["arms"][reproduce.COMBINED_ARM]["test_top1_mean"] - single)
+    assert "budget: 4 optimizer steps per arm" in result.stdout and found["budget"] in result.stdout
+
+    # A second run finds every arm trained and every feature cached: nothing is trained again.
+    again = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
+                    "--arms=rp", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["arms"]["rp"]["seeds"]["0"]["train_seconds"] == 0.0
+    assert rerun["arms"]["rp"]["test_top1_mean"] == found["arms"]["rp"]["test_top1_mean"]
+
+
+def test_bad_arms_and_missing_data_are_one_line_errors(tmp_path):
+    bad_arm = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={tmp_path}", "--arms=rp,jigsaw")
+    assert_one_line_error(bad_arm, "--arms", "jigsaw")
+    missing = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={tmp_path}", f"--fashion_mnist={tmp_path}/none")
+    assert_one_line_error(missing, "Fashion-MNIST", f"{tmp_path}/none")
