@@ -3,8 +3,9 @@
     python -m mtss_train.benchmark --out bench.json            # everything, real 101 trunk
     python -m mtss_train.benchmark --parts anchor,flops --rounds 9
     python -m mtss_train.benchmark --trunk_size tiny --steps 2 --rounds 2   # a quick look
+    python -m mtss_train.benchmark --parts beam --rounds 3 --beam_frames 265
 
-Parts (`--parts`, default all):
+Parts (`--parts`, default all but beam):
   anchor:     the trainer's rp step against a plain tf_slim TF1-graph step of the same
               trunk on the same batch (fwd + bwd + RMSProp, UPDATE_OPS), and against the
               bare trunk's fwd + bwd, in interleaved rounds in this process: per-round
@@ -20,6 +21,10 @@ Parts (`--parts`, default all):
   scaling:    the rp step's time and peak memory over batch sizes and patch sizes, each
               setting in a fresh process, fitted as lines in the pixel count (fixed cost +
               cost per megapixel, and how far the worst setting is off the line).
+  beam:       frames/s of the Beam masks pipeline (`python -m mtss_train.data.prepare
+              masks`) with 1 and 2 local worker processes on links to the bundled clip;
+              needs apache-beam (the `beam` extra). Not in the default: whole pipelines
+              in fresh worker processes take minutes.
 Peak resident memory of this process is always reported.
 
 On a shared machine, other processes take cores at random moments. Contenders are timed in
@@ -32,6 +37,7 @@ The load average printed per round counts this process's own busy threads too.
 from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import dataclasses
+import importlib.util
 import json
 import os
 from typing import Iterator
@@ -47,24 +53,29 @@ from mtss_train.errors import MtssError, cli_main
 from mtss_train.task import Batch
 from mtss_train.trainer import Trainer
 
-PARTS = ("anchor", "flops", "pipelines", "extractor", "scaling")
+PARTS = ("anchor", "flops", "pipelines", "extractor", "scaling", "beam")
+DEFAULT_PARTS = [part for part in PARTS if part != "beam"]
 # Scaling figures fitted as lines in the pixel count. CPU time, not wall time: each setting
 # runs at another moment, under whatever else the machine is doing then.
 FITTED = ("cpu_s", "peak_rss_mib")
 WARMUP_STEPS = 3
 
-_PARTS = flags.DEFINE_list("parts", list(PARTS), f"What to measure, any of {', '.join(PARTS)}.")
+_PARTS = flags.DEFINE_list("parts", DEFAULT_PARTS, f"What to measure, any of {', '.join(PARTS)}.")
 _TASKS = flags.DEFINE_list("tasks", ["rp", "col", "ex", "ms"], "Tasks whose pipelines to measure.")
 _TRUNK_SIZE = flags.DEFINE_enum("trunk_size", "101", list(trunk.TRUNK_SIZES), "Trunk.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Batch size of every task.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 5, f"Timed steps per measurement (after {WARMUP_STEPS} warm-up steps).",
                               lower_bound=1)
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of the anchor, flops and extractor parts.",
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of the anchor, flops, extractor and beam parts.",
                                lower_bound=1)
 _DATA = flags.DEFINE_string("data", None, "Images (default: the bundled sample photos).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 matmul (flops).",
                                     lower_bound=1)
 _EXTRACTOR_FRAMES = flags.DEFINE_integer("extractor_frames", 30, "Clip frames per extractor pass.", lower_bound=2)
+_BEAM_VIDEOS = flags.DEFINE_integer("beam_videos", 4, "Links to the clip in the beam part's input (workers "
+                                    "take whole videos: an even count splits evenly).", lower_bound=1)
+_BEAM_FRAMES = flags.DEFINE_integer("beam_frames", 60, "Frames per video in the beam part (the clip has 265).",
+                                    lower_bound=2)
 _SCALING_BATCHES = flags.DEFINE_list("scaling_batches", ["4", "8", "16"], "rp batch sizes of the scaling table.")
 _SCALING_PATCHES = flags.DEFINE_list("scaling_patches", ["96", "128", "192"], "rp patch sizes of the scaling table.")
 _OUT = flags.DEFINE_string("out", None, "Write every figure to this JSON file.")
@@ -243,6 +254,16 @@ def print_scaling(table: dict) -> None:
         print(f"over {name} sizes: " + "; ".join(lines))
 
 
+def measure_beam() -> dict:
+    """The beam part's figures, or why it was skipped: Beam is an optional extra."""
+    if importlib.util.find_spec("apache_beam") is None:
+        print("\n== beam: skipped, apache-beam is not installed (pip install 'mtss-train[beam]')")
+        return {"skipped": "apache-beam is not installed"}
+    from mtss_train.benchmarks import beam_prepare  # Imports Beam, which only this part needs.
+
+    return beam_prepare.masks_rates(_BEAM_VIDEOS.value, _BEAM_FRAMES.value, _ROUNDS.value)
+
+
 # -- main ------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
     del argv
@@ -278,6 +299,8 @@ def main(argv: list[str]) -> None:
     if "scaling" in parts:
         report["scaling"] = measure_scaling()
         print_scaling(report["scaling"])
+    if "beam" in parts:
+        report["beam"] = measure_beam()
     report["machine"]["load_end"] = load_average()
     report["memory"] = {"peak_rss_mib": peak_rss_mib()}
     print(f"\npeak resident memory {report['memory']['peak_rss_mib']:.0f} MiB; "
