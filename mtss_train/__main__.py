@@ -32,7 +32,7 @@ from mtss_train import trunk  # noqa: E402
 from mtss_train.compat import tf  # noqa: E402
 from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig  # noqa: E402
 from mtss_train.configs import expand_config  # noqa: E402
-from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, cli_main  # noqa: E402
+from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, cli_main, ctrl_c_wins, raise_keyboard_interrupt  # noqa: E402
 from mtss_train.task import task_class  # noqa: E402
 from mtss_train.trainer import Trainer  # noqa: E402
 
@@ -148,8 +148,9 @@ def main(argv: list[str]) -> None:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
     try:
-        trainer = Trainer(config_from_flags())
-        checkpoint = trainer.train()
+        with ctrl_c_wins():
+            trainer = Trainer(config_from_flags())
+            checkpoint = trainer.train()
     except MtssError as e:
         _leave(f"error: {e}", 2)
     except KeyboardInterrupt:  # Before the training loop, which handles Ctrl-C itself.
@@ -192,7 +193,7 @@ def _runnable(path: str, name: str) -> str:
 
 
 def run() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again.
+    signal.signal(signal.SIGINT, raise_keyboard_interrupt)  # Ctrl-C is KeyboardInterrupt again, and remembered.
     try:
         argv = expand_config(sys.argv)
         app.run(cli_main(main), argv=argv)

@@ -1,10 +1,14 @@
-"""The error type users can act on, and the CLI wrapper that prints it as one line."""
+"""The error type users can act on, the CLI wrapper that prints it as one line, and Ctrl-C
+that stays Ctrl-C whatever exception TensorFlow turns it into."""
 
+import contextlib
 import functools
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a program ended by Ctrl-C.
+
+_ctrl_c_pressed = False
 
 
 class MtssError(Exception):
@@ -39,3 +43,34 @@ def cli_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             sys.exit(INTERRUPTED_EXIT_CODE)
 
     return wrapped
+
+
+def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """SIGINT handler: raises KeyboardInterrupt, as Python's own does, and remembers it.
+
+    The exception may not arrive as itself. Raised inside TensorFlow, a `with` block's exit
+    can fail on the half-entered block and replace it (slim's variable scopes raise
+    "Improper nesting of variable_scope"), and C++ code that calls Python can swallow it or
+    raise an error of its own (CI once saw a TypeError from tf.nest); `ctrl_c_pressed`
+    still knows.
+    """
+    global _ctrl_c_pressed
+    _ctrl_c_pressed = True
+    raise KeyboardInterrupt
+
+
+def ctrl_c_pressed() -> bool:
+    """Whether `raise_keyboard_interrupt` has run in this process."""
+    return _ctrl_c_pressed
+
+
+@contextlib.contextmanager
+def ctrl_c_wins() -> Iterator[None]:
+    """Inside: an exception after Ctrl-C comes out as KeyboardInterrupt, since it is (or
+    was caused by) the interrupt unwinding through code that did not expect it."""
+    try:
+        yield
+    except Exception:
+        if not _ctrl_c_pressed:
+            raise
+        raise KeyboardInterrupt from None

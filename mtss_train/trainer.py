@@ -24,7 +24,7 @@ from mtss_train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
 from mtss_train.distribution import is_chief, make_strategy
-from mtss_train.errors import CheckpointError, MtssError
+from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
 from mtss_train.failures import explained
 from mtss_train.reporting import Reporter
 from mtss_train.state import TrainingState
@@ -225,6 +225,8 @@ class Trainer:
         # on each other's checkpoint reads forever; they rely on the periodic checkpoints.
         stop = StopSignals(enabled=not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy))
         with stop:
+            if ctrl_c_pressed():  # While starting, and TensorFlow swallowed the KeyboardInterrupt: no step.
+                raise KeyboardInterrupt
             while step < config.max_steps and not stop.received:
                 began = time.perf_counter()
                 names = self.schedule.tasks_at(step)
