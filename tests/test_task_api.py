@@ -7,11 +7,12 @@ from typing import Optional
 
 import pytest
 
+from mtss_train.compat import tf_keras
 from mtss_train.config import TrainConfig, build_tasks
 from mtss_train.errors import MtssError
 from mtss_train.registry import Registry
 from mtss_train.task import Task, TaskConfig, make_config, task_class
-from mtss_train.optim import make_learning_rate, make_optimizer
+from mtss_train.optim import FusedRMSprop, make_learning_rate, make_optimizer
 from mtss_train.trainer import TaskSchedule
 
 TESTS = os.path.dirname(__file__)
@@ -173,7 +174,9 @@ def test_learning_rate_schedules(schedule, rates):
 
 def test_optimizers_and_clipping():
     rmsprop = make_optimizer(TrainConfig(train_dir="unused", tasks=["rp"], clip_norm=5.0))
-    assert type(rmsprop).__name__ == "RMSprop" and rmsprop.global_clipnorm == 5.0
+    # tf_keras's RMSprop, updating dense gradients with TF1's fused kernel as slim does.
+    assert type(rmsprop) is FusedRMSprop and isinstance(rmsprop, tf_keras.optimizers.RMSprop)
+    assert rmsprop.name == "RMSprop" and rmsprop.global_clipnorm == 5.0
     assert rmsprop.epsilon == 1.0 and rmsprop.rho == 0.9 and rmsprop.momentum == 0.9
     sgd = make_optimizer(TrainConfig(train_dir="unused", tasks=["rp"], optimizer="momentum", momentum=0.5))
     assert type(sgd).__name__ == "SGD" and sgd.momentum == 0.5 and sgd.global_clipnorm is None
