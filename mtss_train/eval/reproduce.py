@@ -70,13 +70,13 @@ TRAIN_FLAGS = ("--batch_norm_decay=0.9",)  # Short runs need fast BN moving aver
 
 _OUT = flags.DEFINE_string("out", "runs/reproduce", "Working directory: data, one train dir per arm and seed, results.json.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one a random init, data order and probe split.")
-_STEPS = flags.DEFINE_integer("steps", 3000, "The budget: optimizer steps of every arm.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 1500, "The budget: optimizer steps of every arm.", lower_bound=1)
 _ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to pre-train (the random init is always probed): {', '.join(ARMS)}.")
 _FASHION_MNIST = flags.DEFINE_string("fashion_mnist", "/usr/share/datasets/fashion-mnist",
                                      "Directory of Fashion-MNIST's idx files (Debian: dataset-fashion-mnist).")
 _UNLABELLED_LIMIT = flags.DEFINE_integer("unlabelled_limit", None, "Use the first N training images for pre-training.", lower_bound=1)
 _PROBE_LIMIT = flags.DEFINE_integer("probe_limit", 10_000, "Probe on the first N training and N test images.", lower_bound=1)
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate of every arm.", lower_bound=0)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Peak learning rate of every arm (chosen on the probe's validation split, README).", lower_bound=0)
 _TINY = flags.DEFINE_bool("tiny", False, "A check that everything runs: 4 steps, 300 unlabelled and 200 probe images, seed 0.")
 
 
