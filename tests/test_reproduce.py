@@ -48,16 +48,20 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     claims = found["claims"]
     assert claims["best_single_task"] in {"rp", "col", "ex", "ms"} and claims["best_arm"] in reproduce.ARMS
     single = found["arms"][claims["best_single_task"]]["test_top1_mean"]
-    assert claims["combined_minus_best_single"] == pytest.approx(
-        found["arms"][reproduce.COMBINED_ARM]["test_top1_mean"] - single)
+    assert set(claims["combination_minus_best_single"]) == {"rp+col+ex+ms", "rp+ex"}
+    for arm, difference in claims["combination_minus_best_single"].items():
+        assert difference == pytest.approx(found["arms"][arm]["test_top1_mean"] - single)
     assert "budget: 4 optimizer steps per arm" in result.stdout and found["budget"] in result.stdout
 
-    # A second run finds every arm trained and every feature cached: nothing is trained again.
+    # A second run finds the arm trained and its features cached: nothing is trained again.
+    trained = checkpoints.latest(plan.train_dir("rp", 0)) + ".index"
+    written = os.path.getmtime(trained)
     again = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
                     "--arms=rp", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((out / "results.json").read_text())
-    assert rerun["arms"]["rp"]["seeds"]["0"]["train_seconds"] == 0.0
+    assert os.path.getmtime(trained) == written and set(rerun["arms"]) == {reproduce.RANDOM_ARM, "rp"}
+    assert rerun["arms"]["rp"]["seeds"]["0"]["train_seconds"] == found["arms"]["rp"]["seeds"]["0"]["train_seconds"]
     assert rerun["arms"]["rp"]["test_top1_mean"] == found["arms"]["rp"]["test_top1_mean"]
 
 
