@@ -78,6 +78,7 @@ _RMSPROP_DECAY = flags.DEFINE_float("rmsprop_decay", _default("rmsprop_decay"), 
 _RMSPROP_EPSILON = flags.DEFINE_float("rmsprop_epsilon", _default("rmsprop_epsilon"), "RMSProp epsilon (1.0 as in slim's train_image_classifier).")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", _default("weight_decay"), "L2 weight decay of conv weights.")
 _BATCH_NORM_DECAY = flags.DEFINE_float("batch_norm_decay", None, f"BN moving-average decay ({_defaults('batch_norm_decay')}).")
+_FREEZE_BATCH_NORM = flags.DEFINE_bool("freeze_batch_norm", _default("freeze_batch_norm"), "BatchNorm (trunk and heads) uses and keeps its moving statistics; everything else trains. For fine-tuning with small per-replica batches.")
 _CLIP_NORM = flags.DEFINE_float("clip_norm", _default("clip_norm"), "Clip gradients to this global norm; 0 = off.")
 _INIT_CHECKPOINT = flags.DEFINE_string("init_checkpoint", None, "Warm start (e.g. the released model) when train_dir has no checkpoint.")
 _EXCLUDE_SCOPES = flags.DEFINE_list("exclude_scopes", _default("exclude_scopes"), "Variable scopes never warm-started.")
@@ -133,7 +134,7 @@ def config_from_flags() -> TrainConfig:
         lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value,
         momentum=_MOMENTUM.value, rmsprop_decay=_RMSPROP_DECAY.value,
         rmsprop_epsilon=_RMSPROP_EPSILON.value, weight_decay=_WEIGHT_DECAY.value, clip_norm=_CLIP_NORM.value,
-        batch_norm_decay=pick(_BATCH_NORM_DECAY, "batch_norm_decay"),
+        batch_norm_decay=pick(_BATCH_NORM_DECAY, "batch_norm_decay"), freeze_batch_norm=_FREEZE_BATCH_NORM.value,
         init_checkpoint=_INIT_CHECKPOINT.value, exclude_scopes=_EXCLUDE_SCOPES.value,
         trainable_scopes=_TRAINABLE_SCOPES.value,
         save_every_steps=pick(_SAVE_EVERY, "save_every_steps"), keep_checkpoints=_KEEP.value,

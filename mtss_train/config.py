@@ -50,6 +50,9 @@ class TrainConfig:
     rmsprop_epsilon: float = 1.0
     weight_decay: float = 1e-4
     batch_norm_decay: float = 0.997
+    # BatchNorm normalises with its moving statistics and leaves them as they are (for
+    # fine-tuning on small per-replica batches, whose batch statistics are noisy).
+    freeze_batch_norm: bool = False
     clip_norm: float = 0.0  # Global-norm gradient clipping; 0 disables it.
     init_checkpoint: str | None = None
     exclude_scopes: list[str] = dataclasses.field(default_factory=lambda: list(trunk.NOT_IN_TRUNK))

@@ -20,6 +20,8 @@ class MultiTaskModel:
     colorization does), and the trunk runs at the task's own output stride
     (`config.output_stride`, else `output_stride`) over one set of variables. With
     `lasso_l1`, each head reads the lasso mix of block3's units (see `mtss_train.lasso`).
+    With `freeze_batch_norm`, every BatchNorm (trunk and heads) runs in inference mode also
+    in training calls; a head still gets `is_training` for anything else it switches.
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class MultiTaskModel:
         dtype_policy: str = "float32",
         harmonize: bool = False,
         lasso_l1: float | None = None,
+        freeze_batch_norm: bool = False,
     ):
         self.tasks = {t.name: t for t in tasks}
         self.harmonize = harmonize
@@ -41,14 +44,15 @@ class MultiTaskModel:
 
         def head_fn(block3: tf.Tensor, is_training: bool, task: Task, end_points: dict, batch: Batch) -> dict:
             with slim.arg_scope(arg_scope()), slim.arg_scope(
-                [slim.batch_norm], is_training=is_training
+                [slim.batch_norm], is_training=is_training and not freeze_batch_norm
             ), tf.compat.v1.variable_scope(task.head_scope):
                 if lasso_l1 is not None:
                     block3 = lasso.mix_units(block3, end_points, lasso_l1)
                 return task.head(block3, end_points, batch, is_training)
 
         self.trunk = SlimLayer(
-            trunk.block3_net(trunk_size, None, weight_decay, batch_norm_decay), name="trunk", dtype=dtype_policy,
+            trunk.block3_net(trunk_size, None, weight_decay, batch_norm_decay, freeze_batch_norm),
+            name="trunk", dtype=dtype_policy,
         )
         self.heads = {
             t.name: SlimLayer(functools.partial(head_fn, task=t), name=t.head_scope, dtype=dtype_policy)

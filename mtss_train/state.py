@@ -45,6 +45,7 @@ class TrainingState:
                 tasks, config.trunk_size, config.output_stride, config.weight_decay, config.batch_norm_decay,
                 dtype_policy="float32" if config.precision == "float32" else f"mixed_{config.precision}",
                 harmonize=config.harmonize, lasso_l1=config.lasso_l1 if config.lasso else None,
+                freeze_batch_norm=config.freeze_batch_norm,
             )
             self.optimizer = make_optimizer(config)
         self.unreadable: list[tuple[str, str]] = []  # Train-dir checkpoints skipped: (prefix, why).

@@ -131,6 +131,7 @@ def block3_net(
     output_stride: int | None = None,
     weight_decay: float = 1e-4,
     batch_norm_decay: float = 0.997,
+    freeze_batch_norm: bool = False,
 ) -> Callable[..., tuple[tf.Tensor, dict[str, tf.Tensor]]]:
     """The trunk as a net function for `SlimLayer`, built under
     `trunk_arg_scope(weight_decay, batch_norm_decay)`:
@@ -139,6 +140,8 @@ def block3_net(
 
     `images` are VGG-preprocessed. `output_stride` may be given per call: each value builds
     block3 at that stride over the same variables (one trace per value under tf.function).
+    With `freeze_batch_norm`, BatchNorm uses (and keeps) its moving statistics also when
+    `is_training`.
     """
     blocks = trunk_blocks(size)
     default_stride = output_stride
@@ -147,6 +150,8 @@ def block3_net(
         images: tf.Tensor, is_training: bool, output_stride: int | None = default_stride
     ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
         with slim.arg_scope(trunk_arg_scope(weight_decay, batch_norm_decay)):
-            return resnet_v2_101_block3(images, is_training, output_stride=output_stride, blocks=blocks)
+            # The trunk's is_training steers its BatchNorm and nothing else.
+            batch_norm_training = is_training and not freeze_batch_norm
+            return resnet_v2_101_block3(images, batch_norm_training, output_stride=output_stride, blocks=blocks)
 
     return net
