@@ -52,6 +52,7 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     for arm, difference in claims["combination_minus_best_single"].items():
         assert difference == pytest.approx(found["arms"][arm]["test_top1_mean"] - single)
     assert "budget: 4 optimizer steps per arm" in result.stdout and found["budget"] in result.stdout
+    assert f"claim 1: best arm {claims['best_arm']}" in result.stdout and "claim 2: rp+ex" in result.stdout
 
     # A second run finds the arm trained and its features cached: nothing is trained again.
     trained = checkpoints.latest(plan.train_dir("rp", 0)) + ".index"

@@ -54,6 +54,7 @@ RANDOM_ARM = "random"
 # to the grey Fashion-MNIST images themselves.
 ARMS = {"rp": ("rp",), "col": ("col",), "ex": ("ex",), "ms": ("ms",), "rp+col+ex+ms": ("rp", "col", "ex", "ms"),
         "rp+ex": ("rp", "ex")}
+TARGET_GAIN = 0.04  # Issue 13: the best pre-trained trunk should beat random init by 4 points.
 TIMING_FILE = "reproduce_timing.json"  # In each train dir: how long its training took.
 IMAGE_SIZE = 96  # The tiny trunk's probe input side (features.DEFAULT_IMAGE_SIZE).
 TRUNK_SIZE = "tiny"
@@ -274,6 +275,20 @@ def summarise(plan: Plan, runs: dict[str, dict[int, dict]]) -> dict:
     return {"arms": arms, "claims": claims}
 
 
+def verdicts(summary: dict) -> str:
+    """The issue's targets against the figures: the best arm >= random + TARGET_GAIN, and a
+    combination >= the best single task (means over seeds)."""
+    claims = summary["claims"]
+    gain = claims["best_gain_over_random"]
+    lines = [f"claim 1: best arm {claims['best_arm']} {100 * gain:+.2f} pt over random (target "
+             f"+{100 * TARGET_GAIN:.0f}: {'met' if gain >= TARGET_GAIN else 'not met'}); beating random: "
+             f"{', '.join(claims['arms_beating_random']) or 'none'}"]
+    for arm, difference in claims["combination_minus_best_single"].items():
+        lines.append(f"claim 2: {arm} {100 * difference:+.2f} pt vs the best single task "
+                     f"{claims['best_single_task']} ({'met' if difference >= 0 else 'not met'})")
+    return "\n".join(lines)
+
+
 def table(summary: dict) -> str:
     arms = summary["arms"]
     random_mean = arms[RANDOM_ARM]["test_top1_mean"]
@@ -323,6 +338,7 @@ def main(argv: list[str]) -> None:
     linear_probe.write_json(result, path)
     print(budget_line(plan))
     print(table(summary))
+    print(verdicts(summary))
     print(f"results: {path}")
 
 
