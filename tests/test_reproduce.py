@@ -38,7 +38,7 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
         assert arm in result.stdout
     init = checkpoints.latest(str(out / "init" / "seed0"))
     assert found["arms"][reproduce.RANDOM_ARM]["seeds"]["0"]["checkpoint"] == init
-    plan = reproduce.Plan(str(out), (0,), tuple(reproduce.ARMS), 4, 1e-3, fashion_mnist, 300, 200)
+    plan = reproduce.Plan(str(out), (0,), tuple(reproduce.ARMS), 4, 0.01, fashion_mnist, 300, 200)
     for arm, tasks in reproduce.ARMS.items():
         train_dir = plan.train_dir(arm, 0)
         assert checkpoints.latest(train_dir).endswith("-4"), arm
@@ -63,6 +63,11 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     rerun = json.loads((out / "results.json").read_text())
     assert os.path.getmtime(trained) == written and set(rerun["arms"]) == {reproduce.RANDOM_ARM, "rp"}
     assert rerun["arms"]["rp"]["seeds"]["0"]["train_seconds"] == found["arms"]["rp"]["seeds"]["0"]["train_seconds"]
+
+    # Other settings never resume an arm trained with these: the table would mix them.
+    other = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
+                    "--arms=rp", "--learning_rate=0.5", timeout=600)
+    assert_one_line_error(other, plan.train_dir("rp", 0), "learning_rate 0.01", "0.5")
     assert rerun["arms"]["rp"]["test_top1_mean"] == found["arms"]["rp"]["test_top1_mean"]
 
 

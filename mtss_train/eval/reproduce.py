@@ -196,6 +196,31 @@ def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str,
     return command
 
 
+def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
+    """Refuses a train dir that an earlier run of other settings left: resuming it would mix
+    budgets or learning rates within one table.
+
+    Raises:
+      MtssError: naming the first setting that differs.
+    """
+    directory = plan.train_dir(arm, seed)
+    path = os.path.join(directory, "flags.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        earlier = json.load(f)
+    wanted = {"max_steps": plan.steps, "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init}
+    found = {key: earlier.get(key) for key in wanted}
+    for task in ARMS[arm]:
+        given = earlier.get("task_params", {}).get(task, {})
+        for key, value in TASK_PARAMS[task].items():
+            wanted[f"{task}.{key}"], found[f"{task}.{key}"] = str(value), given.get(key)
+    for key, value in wanted.items():
+        if found[key] != value:
+            raise MtssError(f"{directory} holds a run with {key} {found[key]!r}, this one asks for "
+                            f"{value!r}: pass another --out (or remove that directory)")
+
+
 def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> float:
     """Trains one arm to the budget in its own process; its progress lines are shown, all of
     its output is kept in train.log. Returns the seconds its training took (recorded beside
@@ -205,6 +230,7 @@ def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]
       MtssError: the run failed, with its last line and the log's path.
     """
     directory = plan.train_dir(arm, seed)
+    check_earlier_run(plan, arm, seed, init)
     timing = os.path.join(directory, TIMING_FILE)
     done = checkpoints.latest(directory)
     if done and done.endswith(f"-{plan.steps}") and os.path.isfile(timing):
