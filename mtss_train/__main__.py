@@ -87,6 +87,10 @@ _SAVE_EVERY = flags.DEFINE_integer("save_every_steps", None, f"Checkpoint interv
 _KEEP = flags.DEFINE_integer("keep_checkpoints", _default("keep_checkpoints"), "Checkpoints kept.")
 _SUMMARY_EVERY = flags.DEFINE_integer("summary_every_steps", None, f"TensorBoard interval ({_defaults('summary_every_steps')}).")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", _default("log_every_steps"), "Console progress interval.")
+_STOP_CHECK_EVERY = flags.DEFINE_integer(
+    "stop_check_every_steps", _default("stop_check_every_steps"),
+    "--strategy multi_worker: how often the workers agree on SIGTERM/SIGINT (one tiny all-reduce), so all "
+    "stop at the same step, the chief saves it, and each exits 128 + the signal.")
 _SEED = flags.DEFINE_integer("seed", _default("seed"), "Seed of data order, task schedule and augmentation.")
 _STRATEGY = flags.DEFINE_enum("strategy", _default("strategy"), list(STRATEGIES), "tf.distribute strategy.")
 _PRECISION = flags.DEFINE_enum("precision", _default("precision"), list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
@@ -139,8 +143,8 @@ def config_from_flags() -> TrainConfig:
         trainable_scopes=_TRAINABLE_SCOPES.value,
         save_every_steps=pick(_SAVE_EVERY, "save_every_steps"), keep_checkpoints=_KEEP.value,
         summary_every_steps=pick(_SUMMARY_EVERY, "summary_every_steps"),
-        log_every_steps=_LOG_EVERY.value, seed=_SEED.value, strategy=_STRATEGY.value,
-        precision=_PRECISION.value,
+        log_every_steps=_LOG_EVERY.value, stop_check_every_steps=_STOP_CHECK_EVERY.value, seed=_SEED.value,
+        strategy=_STRATEGY.value, precision=_PRECISION.value,
     )
 
 

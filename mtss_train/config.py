@@ -61,6 +61,8 @@ class TrainConfig:
     keep_checkpoints: int = 5
     summary_every_steps: int = 100
     log_every_steps: int = 10
+    # Multi-worker jobs: how often the workers agree on whether a signal asked them to stop.
+    stop_check_every_steps: int = 10
     seed: int = 0
     strategy: str = "default"
     precision: str = "float32"
@@ -92,7 +94,8 @@ class TrainConfig:
             (self.weight_decay >= 0 and self.clip_norm >= 0, "--weight_decay and --clip_norm must be >= 0"),
             (0 <= self.batch_norm_decay < 1, "--batch_norm_decay must be in [0, 1)"),
             (min(self.save_every_steps, self.summary_every_steps, self.log_every_steps,
-                 self.keep_checkpoints) >= 1, "step intervals and --keep_checkpoints must be >= 1"),
+                 self.stop_check_every_steps, self.keep_checkpoints) >= 1,
+             "step intervals and --keep_checkpoints must be >= 1"),
             (self.eval_batches >= 1, "--eval_batches must be >= 1"),
             (self.lasso_l1 >= 0, "--lasso_l1 must be >= 0"),
             (self.max_image_pixels >= 1, "--max_image_pixels must be >= 1"),

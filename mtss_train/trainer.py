@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -23,7 +23,7 @@ from mtss_train.compat import tf
 from mtss_train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
-from mtss_train.distribution import is_chief, make_strategy
+from mtss_train.distribution import is_chief, is_multi_worker, make_strategy, signal_vote, worker_count
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
 from mtss_train.failures import explained
 from mtss_train.reporting import Reporter
@@ -60,14 +60,23 @@ class TaskSchedule:
 
 
 class StopSignals:
-    """Context: SIGTERM/SIGINT only record themselves, so the loop can stop between steps."""
+    """Context: SIGTERM/SIGINT only record themselves, so the loop can stop between steps.
+
+    A worker of a multi-worker job that stopped alone would leave the others waiting for it
+    in the next all-reduce. There `vote` (distribution.signal_vote) makes a signal count
+    only once the workers agree on it: `check` runs the vote every `every` steps and at the
+    last one, so they all stop at the same step, on the largest signal number any received.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, enabled: bool):
+    def __init__(self, vote: Callable[[int], dict[signal.Signals, int]] | None = None, every: int = 1):
         # Python only delivers signals to the main thread; elsewhere keep default handling.
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = threading.current_thread() is threading.main_thread()
         self.received: signal.Signals | None = None
+        self.agreed: dict[signal.Signals, int] = {}  # Workers per signal, at the last check.
+        self._vote = vote
+        self._every = every
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
@@ -81,6 +90,18 @@ class StopSignals:
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def check(self, step: int, last: bool) -> None:
+        """Every worker calls this after each step: the vote is a collective."""
+        if self._vote is not None and (step % self._every == 0 or last):
+            self.agreed = self._vote(int(self.received or 0))
+
+    @property
+    def requested(self) -> signal.Signals | None:
+        """The signal to stop on: this process's own, or the one the workers agreed on."""
+        if self._vote is None:
+            return self.received
+        return max(self.agreed) if self.agreed else None
 
 
 class Trainer:
@@ -221,13 +242,12 @@ class Trainer:
         saved_step = start
         by_name = {t.name: t for t in self.tasks}
         logging.info("training %s from step %d to %d", ", ".join(self.schedule.names), step, config.max_steps)
-        # Workers of a multi-worker job could see a signal at different steps and then wait
-        # on each other's checkpoint reads forever; they rely on the periodic checkpoints.
-        stop = StopSignals(enabled=not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy))
+        multi_worker = is_multi_worker(self.strategy)
+        stop = StopSignals(signal_vote(self.strategy), config.stop_check_every_steps) if multi_worker else StopSignals()
         with stop:
             if ctrl_c_pressed():  # While starting, and TensorFlow swallowed the KeyboardInterrupt: no step.
                 raise KeyboardInterrupt
-            while step < config.max_steps and not stop.received:
+            while step < config.max_steps and not stop.requested:
                 began = time.perf_counter()
                 names = self.schedule.tasks_at(step)
                 with explained([by_name[n] for n in names], f"at step {step + 1}"):
@@ -240,7 +260,8 @@ class Trainer:
                 step += 1
                 for name in names:
                     reporter.record(step, name, results[name], time.perf_counter() - began)
-                last = step == config.max_steps or stop.received
+                stop.check(step, last=step == config.max_steps)
+                last = step == config.max_steps or stop.requested
                 due = {kind: step % every == 0 or last for kind, every in (
                     ("log", config.log_every_steps), ("summary", config.summary_every_steps),
                     ("save", config.save_every_steps))}
@@ -252,16 +273,25 @@ class Trainer:
                     self._write_summaries(reporter, step, last_batches)
                 if due["save"]:
                     last_saved, saved_step = self._save(step, last_saved), step
-                    if self.eval_sources and not stop.received:
+                    if self.eval_sources and not stop.requested:
                         reporter.write_evaluation(step, self.evaluate(self.eval_sources, config.eval_batches),
                                                   ", ".join(sorted({s.path for s in self.eval_sources.values()})))
-            if stop.received and step != saved_step:  # The signal came after this step's checks.
+            # The signal came after this step's checks; never so in a multi-worker job, whose
+            # workers all stop on a check step, which saves.
+            if stop.requested and step != saved_step:
                 reporter.flush(last_saved)
                 last_saved, saved_step = self._save(step, last_saved), step
-        if stop.received:
-            self.stopped_by = stop.received
+        self.stopped_by = stop.requested
+        if not multi_worker and stop.requested:
             logging.warning("%s: stopped at step %d after saving %s; the same command resumes",
-                            stop.received.name, step, last_saved)
+                            stop.requested.name, step, last_saved)
+        elif stop.requested:
+            saved = f"after saving {last_saved}" if self.chief else "which the chief saved"
+            logging.warning("%s (received by %d of %d workers): every worker stopped at step %d, %s; the same "
+                            "command resumes", stop.requested.name, stop.agreed[stop.requested],
+                            worker_count(self.strategy), step, saved)
+        elif stop.received:  # After the last check: the run had finished.
+            logging.warning("%s came after the workers' last stop check; the run finished", stop.received.name)
         return last_saved
 
     def _write_summaries(self, reporter: Reporter, step: int, last_batches: dict[str, object]) -> None:
