@@ -119,5 +119,6 @@ def supervise(workers: list[subprocess.Popen], log_dir: str) -> int:
                 return code
         time.sleep(0.5)
 
+
 if __name__ == "__main__":
     sys.exit(main())
