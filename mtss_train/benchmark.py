@@ -48,7 +48,7 @@ from mtss_train import trunk
 from mtss_train.benchmarks import anchors, pipelines, scaling
 from mtss_train.benchmarks.timing import Sample, interleaved_rounds, load_average, peak_rss_mib, ratios, spread
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.config import PRECISIONS, TrainConfig
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.task import Batch
 from mtss_train.trainer import Trainer
@@ -78,6 +78,8 @@ _BEAM_FRAMES = flags.DEFINE_integer("beam_frames", 60, "Frames per video in the 
                                     lower_bound=2)
 _SCALING_BATCHES = flags.DEFINE_list("scaling_batches", ["4", "8", "16"], "rp batch sizes of the scaling table.")
 _SCALING_PATCHES = flags.DEFINE_list("scaling_patches", ["96", "128", "192"], "rp patch sizes of the scaling table.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "The trainer's compute dtype; the slim "
+                                "anchor stays float32, as a slim user runs it.")
 _OUT = flags.DEFINE_string("out", None, "Write every figure to this JSON file.")
 
 
@@ -85,7 +87,7 @@ def build_trainer(tasks: list[str]) -> tuple[Trainer, dict[str, Iterator], dict[
     """The trainer of `tasks` (built), their batch iterators and one batch of each."""
     config = TrainConfig(
         train_dir="/nonexistent-benchmark-dir", tasks=tasks, data=_DATA.value, trunk_size=_TRUNK_SIZE.value,
-        task_params={t: {"batch_size": str(_BATCH_SIZE.value)} for t in tasks},
+        task_params={t: {"batch_size": str(_BATCH_SIZE.value)} for t in tasks}, precision=_PRECISION.value,
     )
     trainer = Trainer(config)
     iterators = trainer.iterators(trainer.sources, seed=0)
@@ -275,7 +277,8 @@ def main(argv: list[str]) -> None:
     if out_dir and not os.path.isdir(out_dir):  # Found now, not after minutes of measuring.
         raise MtssError(f"--out {_OUT.value}: directory {out_dir} does not exist")
     report = {"settings": {"parts": parts, "tasks": _TASKS.value, "trunk_size": _TRUNK_SIZE.value,
-                           "batch_size": _BATCH_SIZE.value, "steps": _STEPS.value, "rounds": _ROUNDS.value},
+                           "batch_size": _BATCH_SIZE.value, "steps": _STEPS.value, "rounds": _ROUNDS.value,
+                           "precision": _PRECISION.value},
               "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__, "load_start": load_average()}}
     print(f"trunk {_TRUNK_SIZE.value}, batch {_BATCH_SIZE.value}, {_STEPS.value} steps, "
           f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op threads; "
