@@ -62,7 +62,12 @@ def table(results: list[dict]) -> str:
         f"{r['train_examples']}/{r['test_examples']}",
         f"{r['seconds']['features'] + r['seconds']['probe']:.0f}",
     ) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return aligned(rows)
+
+
+def aligned(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as text columns, the first row a header underlined with dashes."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 

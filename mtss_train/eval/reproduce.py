@@ -42,10 +42,11 @@ from absl import app, flags
 from mtss_train import checkpoints, loader
 from mtss_train.compat import tf
 from mtss_train.data.clip import sample_clip_masks
-from mtss_train.data.labelled import fit_square, open_labelled, read_idx
+from mtss_train.data.labelled import fit_square, read_idx
 from mtss_train.data.masks import FRAMES_DIR
 from mtss_train.data.sample import sample_photo_paths
 from mtss_train.errors import DataError, MtssError, cli_main
+from mtss_train.eval import compare
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
 
@@ -261,8 +262,7 @@ def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]
 
 def probe(plan: Plan, name: str, checkpoint: str, seed: int) -> dict:
     """The linear probe's result for one trunk, on the plan's Fashion-MNIST split."""
-    train = open_labelled(fashion_mnist_split(plan, "train"))
-    test = open_labelled(fashion_mnist_split(plan, "t10k"), classes=train.classes)
+    train, test = linear_probe.open_splits(fashion_mnist_split(plan, "train"), fashion_mnist_split(plan, "t10k"))
     settings = feats.Settings(trunk_size=TRUNK_SIZE, grid=3, image_size=IMAGE_SIZE, seed=seed)
     result = linear_probe.run_probe(checkpoint, train, test, settings, plan.probe_limit,
                                     os.path.join(plan.out, "feature_cache"), seed=seed,
@@ -324,9 +324,7 @@ def table(summary: dict) -> str:
         gain = "" if arm == RANDOM_ARM else f"{100 * (found['test_top1_mean'] - random_mean):+.2f} pt"
         rows.append((arm, f"{found['test_top1_mean']:.4f} +- {found['test_top1_std']:.4f}", gain,
                      f"{found['val_top1_mean']:.4f}", per_seed, f"{found['train_seconds_mean'] / 60:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+    return compare.aligned(rows)
 
 
 def budget_line(plan: Plan) -> str:
