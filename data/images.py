@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from mtss_train.compat import tf
-from mtss_train.data import image_headers, sample
+from mtss_train.data import image_headers, in_graph, sample
 from mtss_train.data.files import is_tfrecord, walk_files
 from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
@@ -262,18 +262,18 @@ class ImageSource:
 
         return sized.concatenate(end).scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), count)
 
-    def _records(self, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-        """Paths (kind 'files') or (file, index, record, bytes read) of this shard's TFRecords."""
-        paths = tf.data.Dataset.from_tensor_slices(self.paths)
-        if shard[0] > 1:
-            paths = paths.shard(*shard)
-        return paths if self.kind == "files" else paths.flat_map(self._file_records)
+    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0), pure_tf: bool = False) -> tf.data.Dataset:
+        """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline.
 
-    def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-        """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline."""
+        `pure_tf`: read and decode with TF ops only (see `mtss_train.data.in_graph`), for
+        pipelines that run on remote workers; `seed` may then be a tensor, and bad inputs
+        are named in the log where they are read.
+        """
         num_shards, index = shard
         if num_shards > len(self.paths):  # Too few files to split: all read all, own order.
             seed, shard = seed + index, (1, 0)
+        if pure_tf:
+            return self._decoded_in_tf(self._records_in_tf(shard, seed))
         records = self._records(shard).shuffle(min(len(self.paths), 10_000) if self.kind == "files" else 1_000,
                                                seed=seed, reshuffle_each_iteration=True).repeat()
         images = records.map(
@@ -284,6 +284,48 @@ class ImageSource:
             deterministic=True,
         )
         return images.filter(lambda image: tf.size(image) > 0)
+
+    def _records(self, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+        """Paths (kind 'files') or (file, index, record, bytes read) of this shard's TFRecords."""
+        paths = tf.data.Dataset.from_tensor_slices(self.paths)
+        if shard[0] > 1:
+            paths = paths.shard(*shard)
+        return paths if self.kind == "files" else paths.flat_map(self._file_records)
+
+    def _records_in_tf(self, shard: tuple[int, int], seed: int | tf.Tensor) -> tf.data.Dataset:
+        """Endless shuffled paths (kind 'files') or ('file (record index)', record) of this
+        shard, in TF ops only."""
+        paths = in_graph.endless_permutations((self.paths[shard[1]::shard[0]],), seed).map(lambda path: path)
+        if self.kind == "files":
+            return paths
+
+        def keyed_records(path: tf.Tensor) -> tf.data.Dataset:
+            # A truncated or corrupt file ends here; TF logs that it dropped the error.
+            records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True).enumerate()
+            return records.map(lambda i, record: (path + " (record " + tf.strings.as_string(i) + ")", record))
+
+        # Files in a new order every epoch, records mixed across neighbouring files.
+        return paths.interleave(keyed_records, cycle_length=4, block_length=1).shuffle(1_000)
+
+    def _decoded_in_tf(self, records: tf.data.Dataset) -> tf.data.Dataset:
+        """Images of `_records_in_tf`, skipping bad ones, in TF ops only."""
+        if self.kind == "files":
+            encoded = in_graph.interleave_attempts(records.map(lambda path: (path, path)), in_graph.read, in_graph.unread)
+        else:
+            image_key = self.options.image_key
+            feature = {image_key: tf.io.FixedLenFeature([], tf.string)}
+            encoded = in_graph.interleave_attempts(
+                records,
+                lambda key, record: (key, tf.io.parse_single_example(record, feature)[image_key], tf.constant("")),
+                lambda key, record: (key, tf.constant(""), tf.constant(f"not a tf.train.Example with an '{image_key}' feature")),
+            )
+        min_side, max_pixels = self.min_side, self.options.max_pixels
+        images = in_graph.interleave_attempts(
+            encoded,
+            lambda key, data, reason: (key, *in_graph.decode_rgb(data, reason, min_side, max_pixels)),
+            lambda key, data, reason: (key, in_graph.EMPTY_IMAGE, tf.constant(in_graph.UNDECODABLE)),
+        )
+        return in_graph.drop_skipped(images).map(lambda image: tf.ensure_shape(image, [None, None, 3]))
 
 
 def image_source(path: str | None, min_side: int, options: ReadOptions | None = None) -> ImageSource:

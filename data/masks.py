@@ -23,7 +23,8 @@ import numpy as np
 
 from mtss_train.compat import tf
 from mtss_train.data.files import is_tfrecord, walk_files
-from mtss_train.data.images import IMAGE_EXTENSIONS, decode_rgb, read_file
+from mtss_train.data import in_graph
+from mtss_train.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb, read_file
 from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
 
@@ -161,11 +162,14 @@ class MaskSource:
         # counted: tf.data cannot say which record failed.
         return tf.data.TFRecordDataset(items).map(parse).ignore_errors(log_warning=True)
 
-    def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0), pure_tf: bool = False) -> tf.data.Dataset:
         """Endless dataset of {'frame', 'mask'}; `shard` = (num_shards, index) per input pipeline.
 
         Shards split the pairs (or TFRecord files) round-robin in sorted order, so every
         shard sees every video. With fewer items than shards, all read all in their own order.
+        `pure_tf`: read and decode with TF ops only (see `mtss_train.data.in_graph`), for
+        pipelines that run on remote workers; `seed` may then be a tensor, and bad pairs are
+        named in the log where they are read.
         """
         num_shards, index = shard
         items = self.items
@@ -176,6 +180,8 @@ class MaskSource:
                 seed += index
         # A full shuffle of the (small) paths: sorted pairs run video by video, and a
         # partial shuffle would fill batches with near-identical neighbouring frames.
+        if pure_tf:
+            return in_graph.drop_skipped(self._decoded_in_tf(self._records_in_tf(items, seed))).map(_split_pair)
         buffer = len(items) if self.kind == "files" else 1_000
         records = self._records(items).shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         pairs = records.map(
@@ -187,9 +193,62 @@ class MaskSource:
         )
         return pairs.filter(lambda pair: tf.size(pair) > 0).map(_split_pair)
 
+    def _records_in_tf(self, items: list, seed: int | tf.Tensor) -> tf.data.Dataset:
+        """Endless shuffled (key, frame, mask): the frame's path with both paths ('files'),
+        or 'file (record index)' with the encoded frame and mask of TFRecords; TF ops only."""
+        if self.kind == "files":
+            frames, masks = (list(column) for column in zip(*items))
+            return in_graph.endless_permutations((frames, frames, masks), seed)
+        feature = {key: tf.io.FixedLenFeature([], tf.string) for key in (TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY)}
+
+        def parsed(path: tf.Tensor) -> tf.data.Dataset:
+            # A truncated file ends here and a record missing a key is dropped; TF logs both.
+            records = tf.data.TFRecordDataset(path).map(lambda record: tf.io.parse_single_example(record, feature))
+            return records.ignore_errors(log_warning=True).enumerate().map(
+                lambda i, example: (path + " (record " + tf.strings.as_string(i) + ")",
+                                    example[TFRECORD_FRAME_KEY], example[TFRECORD_MASK_KEY]))
+
+        files = in_graph.endless_permutations((list(items),), seed).map(lambda path: path)
+        return files.interleave(parsed, cycle_length=4, block_length=1).shuffle(1_000)
+
+    def _decoded_in_tf(self, records: tf.data.Dataset) -> tf.data.Dataset:
+        """(key, uint8 [H, W, 4] frame + mask, reason) of `_records_in_tf`, in TF ops only."""
+        if self.kind == "files":
+            records = in_graph.interleave_attempts(
+                records,
+                lambda key, frame, mask: (key, tf.io.read_file(frame), tf.io.read_file(mask), tf.constant("")),
+                lambda key, frame, mask: (key, tf.constant(""), tf.constant(""),
+                                          tf.constant(f"it or its mask {in_graph.UNREADABLE}")),
+            )
+        else:
+            records = records.map(lambda key, frame, mask: (key, frame, mask, tf.constant("")))
+        min_side = self.min_side
+        return in_graph.interleave_attempts(
+            records,
+            lambda key, frame, mask, reason: (key, *_decode_pair_in_tf(frame, mask, reason, min_side)),
+            lambda key, frame, mask, reason: (key, tf.zeros([0, 0, 4], tf.uint8),
+                                              tf.constant(f"it or its mask is {in_graph.UNDECODABLE}")),
+        )
+
+
+def _decode_pair_in_tf(frame: tf.Tensor, mask: tf.Tensor, reason: tf.Tensor, min_side: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """`decode_pair` in TF ops: (uint8 [H, W, 4], '') or (an empty pair, why)."""
+    image, reason = in_graph.decode_rgb(frame, reason, min_side, DEFAULT_MAX_PIXELS)
+
+    def with_mask() -> tuple[tf.Tensor, tf.Tensor]:
+        decoded = tf.io.decode_png(mask, channels=1)
+        fits = tf.reduce_all(tf.shape(decoded)[:2] == tf.shape(image)[:2])
+        # Binarised at half range, so a resaved or rescaled mask still means 0 / 255.
+        binary = tf.where(decoded >= 128, tf.constant(255, tf.uint8), tf.constant(0, tf.uint8))
+        return tf.cond(fits, lambda: (tf.concat([image, binary], -1), tf.constant("")),
+                       lambda: (tf.zeros([0, 0, 4], tf.uint8), tf.constant("its mask is not the frame's size")))
+
+    return tf.cond(tf.strings.length(reason) > 0, lambda: (tf.zeros([0, 0, 4], tf.uint8), reason), with_mask)
+
 
 def _split_pair(pair: tf.Tensor) -> dict[str, tf.Tensor]:
     """uint8 [H, W, 4] -> {'frame': [H, W, 3], 'mask': [H, W, 1]}."""
+    pair = tf.ensure_shape(pair, [None, None, 4])
     return {"frame": pair[..., :3], "mask": pair[..., 3:]}
 
 

@@ -66,4 +66,9 @@ class Source(Protocol):
     skipped: SkipCounter
 
     def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-        """Endless, shuffled by `seed`; `shard` = (number of input pipelines, this one's index)."""
+        """Endless, shuffled by `seed`; `shard` = (number of input pipelines, this one's index).
+
+        A source may also take `pure_tf: bool = False`: with True, build the dataset from
+        TF ops only (no tf.numpy_function), so parameter-server workers can run it
+        themselves; `seed` may then be a scalar int64 tensor.
+        """

@@ -1,0 +1,107 @@
+"""TF-ops-only input pipelines (`dataset(..., pure_tf=True)`), which parameter-server workers
+build themselves: the same images and pairs as the Python pipelines, bad inputs skipped and
+named, no Python in the graph, every epoch a new order from a seed that may be a tensor."""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from mtss_train.compat import tf
+from mtss_train.data import in_graph
+from mtss_train.data.images import ReadOptions, image_source
+from mtss_train.data.masks import mask_source
+from test_images import png, png_claiming, write_photo, write_records
+from test_ms import identify, numbered_pair, write_extracted
+
+
+def skipped_lines(stderr: str) -> dict[str, str]:
+    """{key: reason} of the 'warning: skipping KEY: REASON' lines."""
+    lines = [line.split("warning: skipping ", 1)[1] for line in stderr.splitlines() if "warning: skipping " in line]
+    return dict(line.rsplit(": ", 1) if ": " in line else (line, "") for line in lines)
+
+
+def test_bad_images_are_skipped_and_named_with_their_reason(tmp_path, capfd):
+    chelsea = write_photo(str(tmp_path / "chelsea.png"), skimage.data.chelsea())
+    write_photo(str(tmp_path / "coffee.jpg"), skimage.data.coffee())
+    (tmp_path / "random.jpg").write_bytes(os.urandom(2000))
+    (tmp_path / "truncated.png").write_bytes(open(chelsea, "rb").read()[:100])
+    (tmp_path / "empty.jpeg").write_bytes(b"")
+    write_photo(str(tmp_path / "tiny.png"), np.zeros([8, 100, 3], np.uint8))
+    (tmp_path / "huge.png").write_bytes(png_claiming(20_000, 20_000))
+    vanishing = write_photo(str(tmp_path / "vanishing.png"), skimage.data.astronaut())
+    source = image_source(str(tmp_path), min_side=32)
+    os.remove(vanishing)  # After the source listed it.
+    dataset = source.dataset(seed=0, pure_tf=True)
+    assert not in_graph.calls_python(dataset) and in_graph.calls_python(source.dataset(seed=0))
+    images = [image.numpy() for image in dataset.take(6)]  # Three epochs of the two good ones.
+    assert sorted(image.shape for image in images) == [(300, 451, 3)] * 3 + [(400, 600, 3)] * 3
+    np.testing.assert_array_equal(next(i for i in images if i.shape == (300, 451, 3)), skimage.data.chelsea())
+    skipped = skipped_lines(capfd.readouterr().err)
+    assert skipped == {
+        str(tmp_path / "random.jpg"): "not a decodable image",
+        str(tmp_path / "truncated.png"): "not a decodable image",
+        str(tmp_path / "empty.jpeg"): "empty",
+        str(tmp_path / "tiny.png"): "too small (100x8 px, both sides must be >= 32)",
+        str(tmp_path / "huge.png"): "too many pixels (20000x20000 = 400.0M, over the limit of 50M, --max_image_pixels)",
+        vanishing: "could not be read",
+    }
+
+
+def test_the_pixel_limit_applies(tmp_path, capfd):
+    write_photo(str(tmp_path / "chelsea.jpg"), skimage.data.chelsea())
+    write_photo(str(tmp_path / "small.jpg"), skimage.data.chelsea()[:100, :100])
+    source = image_source(str(tmp_path), 32, ReadOptions(max_pixels=50_000))
+    assert {image.shape for image in source.dataset(0, pure_tf=True).take(3)} == {(100, 100, 3)}
+    assert "chelsea.jpg: too many pixels (451x300 = 0.1M, over the limit of 0.05M" in capfd.readouterr().err
+
+
+def test_tfrecords_skip_records_that_are_not_usable(tmp_path, capfd):
+    path = write_records(str(tmp_path / "a.tfrecord"), [b"not an image", png(skimage.data.coffee()), b""])
+    with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord")) as writer:
+        writer.write(b"not an Example")
+    source = image_source(str(tmp_path), 32)
+    dataset = source.dataset(seed=0, pure_tf=True)
+    assert not in_graph.calls_python(dataset)
+    assert {image.shape for image in dataset.take(3)} == {(400, 600, 3)}
+    skipped = skipped_lines(capfd.readouterr().err)
+    assert skipped[f"{path} (record 0)"] == "not a decodable image" and skipped[f"{path} (record 2)"] == "empty"
+    assert skipped[f"{tmp_path / 'b.tfrecord'} (record 0)"] == "not a tf.train.Example with an 'image/encoded' feature"
+
+
+def test_mask_pairs_decode_as_in_python_and_bad_pairs_are_skipped(tmp_path, capfd):
+    root = write_extracted(tmp_path / "out", {"a": [numbered_pair(k) for k in range(4)]})
+    (open(os.path.join(root, "frames", "a", "000001.jpg"), "wb")).write(b"\xff\xd8 not a jpeg")
+    assert cv2.imwrite(os.path.join(root, "masks", "a", "000002.png"), np.zeros([20, 20], np.uint8))
+    source = mask_source(root)
+    dataset = source.dataset(seed=0, pure_tf=True)
+    assert not in_graph.calls_python(dataset)
+    assert sorted(identify(example) for example in dataset.take(6)) == [0, 0, 0, 3, 3, 3]
+    skipped = skipped_lines(capfd.readouterr().err)
+    assert skipped == {os.path.join(root, "frames", "a", "000001.jpg"): "it or its mask is not a decodable image",
+                       os.path.join(root, "frames", "a", "000002.jpg"): "its mask is not the frame's size"}
+
+
+def test_every_epoch_is_a_new_permutation_of_a_seed_that_may_be_a_tensor():
+    items = [f"item{i}".encode() for i in range(7)]
+
+    @tf.function
+    def first_epochs(seed: tf.Tensor) -> tf.Tensor:
+        order = in_graph.endless_permutations((items,), seed).map(lambda item: item)
+        return order.take(21).batch(21).get_single_element()
+
+    orders = [list(first_epochs(tf.constant(seed, tf.int64)).numpy()) for seed in (1, 1, 2)]
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    epochs = [orders[0][i:i + 7] for i in range(0, 21, 7)]
+    assert all(sorted(epoch) == items for epoch in epochs) and len({tuple(e) for e in epochs}) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_source_order_follows_the_seed(tmp_path, seed):
+    for name, image in (("a", skimage.data.chelsea()), ("b", skimage.data.coffee()), ("c", skimage.data.astronaut())):
+        write_photo(str(tmp_path / f"{name}.png"), image)
+    source = image_source(str(tmp_path), 32)
+    shapes = lambda s: [image.shape for image in source.dataset(s, pure_tf=True).take(6)]  # noqa: E731
+    assert shapes(seed) == shapes(seed) and shapes(seed) != shapes(tf.constant(seed + 10, tf.int64))
