@@ -323,7 +323,7 @@ class ImageSource:
         images = in_graph.interleave_attempts(
             encoded,
             lambda key, data, reason: (key, *in_graph.decode_rgb(data, reason, min_side, max_pixels)),
-            lambda key, data, reason: (key, in_graph.EMPTY_IMAGE, tf.constant(in_graph.UNDECODABLE)),
+            lambda key, data, reason: (key, in_graph.empty_image(), tf.constant(in_graph.UNDECODABLE)),
         )
         return in_graph.drop_skipped(images).map(lambda image: tf.ensure_shape(image, [None, None, 3]))
 

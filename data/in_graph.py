@@ -24,9 +24,14 @@ from mtss_train.data.image_headers import PNG_SIGNATURE
 
 # Ops that call back into Python (tf.numpy_function, tf.py_function, tf.compat.v1.py_func).
 PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
-EMPTY_IMAGE = tf.zeros([0, 0, 3], tf.uint8)
 UNREADABLE = "could not be read"
 UNDECODABLE = "not a decodable image"
+
+
+def empty_image(channels: int = 3) -> tf.Tensor:
+    """What a skipped input decodes to (a function: a tensor made at import would start
+    TensorFlow's runtime before a multi-worker strategy can configure it)."""
+    return tf.zeros([0, 0, channels], tf.uint8)
 
 
 def calls_python(dataset: tf.data.Dataset) -> bool:
@@ -121,9 +126,9 @@ def decode_rgb(encoded: tf.Tensor, reason: tf.Tensor, min_side: int, max_pixels:
     def decoded() -> tuple[tf.Tensor, tf.Tensor]:
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
         problem = size_problem(tf.shape(image)[0], tf.shape(image)[1], min_side, max_pixels)
-        return tf.cond(tf.strings.length(problem) > 0, lambda: EMPTY_IMAGE, lambda: image), problem
+        return tf.cond(tf.strings.length(problem) > 0, lambda: empty_image(), lambda: image), problem
 
-    return tf.cond(tf.strings.length(before) > 0, lambda: (EMPTY_IMAGE, before), decoded)
+    return tf.cond(tf.strings.length(before) > 0, lambda: (empty_image(), before), decoded)
 
 
 def drop_skipped(dataset: tf.data.Dataset) -> tf.data.Dataset:

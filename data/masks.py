@@ -226,7 +226,7 @@ class MaskSource:
         return in_graph.interleave_attempts(
             records,
             lambda key, frame, mask, reason: (key, *_decode_pair_in_tf(frame, mask, reason, min_side)),
-            lambda key, frame, mask, reason: (key, tf.zeros([0, 0, 4], tf.uint8),
+            lambda key, frame, mask, reason: (key, in_graph.empty_image(4),
                                               tf.constant(f"it or its mask is {in_graph.UNDECODABLE}")),
         )
 
@@ -241,9 +241,9 @@ def _decode_pair_in_tf(frame: tf.Tensor, mask: tf.Tensor, reason: tf.Tensor, min
         # Binarised at half range, so a resaved or rescaled mask still means 0 / 255.
         binary = tf.where(decoded >= 128, tf.constant(255, tf.uint8), tf.constant(0, tf.uint8))
         return tf.cond(fits, lambda: (tf.concat([image, binary], -1), tf.constant("")),
-                       lambda: (tf.zeros([0, 0, 4], tf.uint8), tf.constant("its mask is not the frame's size")))
+                       lambda: (in_graph.empty_image(4), tf.constant("its mask is not the frame's size")))
 
-    return tf.cond(tf.strings.length(reason) > 0, lambda: (tf.zeros([0, 0, 4], tf.uint8), reason), with_mask)
+    return tf.cond(tf.strings.length(reason) > 0, lambda: (in_graph.empty_image(4), reason), with_mask)
 
 
 def _split_pair(pair: tf.Tensor) -> dict[str, tf.Tensor]:

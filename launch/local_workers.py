@@ -1,15 +1,23 @@
-"""Runs one training job as N synchronous workers on this machine (MultiWorkerMirroredStrategy).
+"""Runs one training job as several processes on this machine.
 
     python launch/local_workers.py --workers 2 -- --tasks rp --smoke --train_dir runs/mw
+    python launch/local_workers.py --workers 2 --ps 1 -- --tasks rp,ex --smoke --train_dir runs/ps
 
-Everything after `--` goes to `python -m mtss_train` in every worker, with
-`--strategy multi_worker` added and TF_CONFIG set for a localhost cluster. Worker 0 is the
-chief: it writes checkpoints and summaries, and its output is shown; the others log to
-TRAIN_DIR/worker-K.log; each worker's pid is printed at start. If any worker fails, the rest
-are stopped and the exit code is the failed worker's. A worker sent SIGTERM or SIGINT is no
-failure: the workers agree to stop at the same step, the chief saves it, and each exits
-128 + the signal, which is then the launcher's code. On real hosts, set TF_CONFIG per host
-the same way (see launch/README.md).
+Everything after `--` goes to `python -m mtss_train` in every process, with TF_CONFIG set
+for a localhost cluster and the strategy added:
+
+- without --ps, N synchronous workers (`--strategy multi_worker`). Worker 0 is the chief:
+  it writes checkpoints and summaries. If any worker fails, the rest are stopped and the
+  exit code is the failed worker's. A worker sent SIGTERM or SIGINT is no failure: the
+  workers agree to stop at the same step, the chief saves it, and each exits 128 + the
+  signal, which is then the launcher's code.
+- with --ps K, an asynchronous parameter-server job (`--strategy parameter_server`): a
+  chief (the coordinator, which trains and writes), N workers and K parameter servers,
+  which serve until the launcher stops them when the chief is done. The chief's exit code
+  is the job's; a worker or parameter server that dies first fails the job.
+
+The chief's output is shown; the others log to TRAIN_DIR/<job>-K.log; every pid is printed
+at start. On real hosts, set TF_CONFIG per host the same way (see launch/README.md).
 """
 
 import argparse
@@ -39,8 +47,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def tf_config(addresses: list[str], index: int) -> str:
-    return json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+def tf_config(cluster: dict[str, list[str]] | list[str], index: int, job: str = "worker") -> str:
+    """TF_CONFIG of task `index` of `job`; `cluster`: {job: addresses}, or the workers' addresses."""
+    cluster = cluster if isinstance(cluster, dict) else {"worker": cluster}
+    return json.dumps({"cluster": cluster, "task": {"type": job, "index": index}})
+
+
+def cluster_of(workers: int, parameter_servers: int) -> dict[str, list[str]]:
+    """{job: localhost addresses on free ports}: workers only, or chief, workers and ps."""
+    sizes = {"chief": 1, "worker": workers, "ps": parameter_servers} if parameter_servers else {"worker": workers}
+    ports = iter(free_ports(sum(sizes.values())))
+    return {job: [f"localhost:{next(ports)}" for _ in range(size)] for job, size in sizes.items()}
 
 
 def train_dir_of(args: list[str]) -> str:
@@ -55,44 +72,74 @@ def train_dir_of(args: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ps", type=int, default=0,
+                        help="parameter servers; 1 or more runs an asynchronous parameter-server job")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flags for mtss_train")
     args = parser.parse_args()
     train_args = [a for a in args.train_args if a != "--"]
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
-    addresses = [f"localhost:{port}" for port in free_ports(args.workers)]
+    if args.workers < 1 or args.ps < 0:
+        parser.error("--workers must be >= 1 and --ps >= 0")
+    cluster = cluster_of(args.workers, args.ps)
+    strategy = "parameter_server" if args.ps else "multi_worker"
     log_dir = train_dir_of(train_args)
     os.makedirs(log_dir, exist_ok=True)
-    workers = []
-    for index in range(args.workers):
-        env = {**os.environ, "TF_CONFIG": tf_config(addresses, index)}
-        command = [sys.executable, "-m", "mtss_train", "--strategy", "multi_worker", *train_args]
-        output = None if index == 0 else open(os.path.join(log_dir, f"worker-{index}.log"), "w")
-        workers.append(subprocess.Popen(command, env=env, stdout=output, stderr=output))
-        log = "its output follows" if output is None else f"log: {output.name}"
-        print(f"worker {index}: pid {workers[-1].pid} ({log})", file=sys.stderr, flush=True)
+    processes: dict[str, subprocess.Popen] = {}  # "job index" -> process; the chief first.
+    for job, addresses in cluster.items():
+        for index in range(len(addresses)):
+            name = f"{job} {index}"
+            shown = not processes  # The chief (chief 0, or worker 0 without --ps).
+            env = {**os.environ, "TF_CONFIG": tf_config(cluster, index, job)}
+            command = [sys.executable, "-m", "mtss_train", "--strategy", strategy, *train_args]
+            output = None if shown else open(os.path.join(log_dir, f"{job}-{index}.log"), "w")
+            processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=output)
+            log = "its output follows" if shown else f"log: {output.name}"
+            print(f"{name}: pid {processes[name].pid} ({log})", file=sys.stderr, flush=True)
+    supervise = supervise_coordinator if args.ps else supervise_workers
+    chief = next(iter(processes.values()))
     try:
-        return supervise(workers, log_dir)
+        return supervise(processes, log_dir)
     except KeyboardInterrupt:
-        # Ctrl-C in a terminal reaches every worker too; a SIGINT to the launcher alone is passed on.
-        print("interrupted: the workers stop together at their next stop check and the chief saves; "
-              "Ctrl-C again kills them", file=sys.stderr, flush=True)
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGINT)
-        return supervise(workers, log_dir)
+        # Ctrl-C in a terminal reaches every process too; a SIGINT to the launcher alone is
+        # passed on (parameter servers and their workers keep serving the coordinator).
+        print("interrupted: the chief saves and stops (with synchronous workers, all stop together at their "
+              "next stop check); Ctrl-C again kills them", file=sys.stderr, flush=True)
+        for process in [chief] if args.ps else processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        return supervise(processes, log_dir)
     finally:
-        # SIGKILL: workers record SIGTERM and keep stepping until the others agree, which
-        # the ones that failed never will.
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-        for worker in workers:
-            worker.wait()
+        # SIGKILL: synchronous workers record SIGTERM and keep stepping until the others
+        # agree, which the ones that failed never will; servers never stop by themselves.
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+        for process in processes.values():
+            process.wait()
 
 
-def supervise(workers: list[subprocess.Popen], log_dir: str) -> int:
-    """Waits for the workers; returns the job's exit code."""
+def supervise_coordinator(processes: dict[str, subprocess.Popen], log_dir: str) -> int:
+    """Waits for the chief of a parameter-server job; returns its exit code, or a failed
+    server's if one dies first."""
+    chief, *servers = processes.items()
+    while True:
+        code = chief[1].poll()
+        if code is not None:
+            if code in STOPPED:
+                print(f"stopped by {STOPPED[code].name}; the same command resumes from the last checkpoint in "
+                      f"{log_dir}", file=sys.stderr)
+            return code
+        for name, server in servers:
+            if server.poll() is not None:
+                print(f"error: {name} exited with {server.returncode} while the chief trains; stopping the job "
+                      f"(logs: {log_dir}/<job>-K.log); the same command resumes from the last checkpoint",
+                      file=sys.stderr)
+                return server.returncode or 1
+        time.sleep(0.5)
+
+
+def supervise_workers(processes: dict[str, subprocess.Popen], log_dir: str) -> int:
+    """Waits for the synchronous workers; returns the job's exit code."""
+    workers = list(processes.values())
     first_stop = None
     while True:
         codes = [w.poll() for w in workers]

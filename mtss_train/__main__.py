@@ -32,6 +32,7 @@ from mtss_train import trunk  # noqa: E402
 from mtss_train.compat import tf  # noqa: E402
 from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig  # noqa: E402
 from mtss_train.configs import expand_config  # noqa: E402
+from mtss_train.distribution import serve_if_server  # noqa: E402
 from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, cli_main, ctrl_c_wins, raise_keyboard_interrupt  # noqa: E402
 from mtss_train.task import task_class  # noqa: E402
 from mtss_train.trainer import Trainer  # noqa: E402
@@ -153,6 +154,8 @@ def main(argv: list[str]) -> None:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
     try:
+        if serve_if_server(_STRATEGY.value):  # A parameter-server job's worker or ps: serves until killed.
+            return
         with ctrl_c_wins():
             trainer = Trainer(config_from_flags())
             checkpoint = trainer.train()

@@ -16,7 +16,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 # Each step trains one task (in turn, or drawn by --task_weights), or all of them on the
 # sum of their weighted losses.
 SCHEDULES = ("round_robin", "weighted", "all")
-STRATEGIES = ("default", "mirrored", "multi_worker")
+STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server")
 # Compute dtype of the network; variables, optimizer state and checkpoints stay float32.
 PRECISIONS = ("float32", "bfloat16", "float16")
 

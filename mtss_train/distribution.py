@@ -1,20 +1,75 @@
 """The tf.distribute strategy of a run and each process's role in it."""
 
+import json
+import os
 import signal
 from typing import Callable
 
 import numpy as np
+from absl import logging
 
 from mtss_train.compat import tf
+from mtss_train.errors import MtssError
+
+# The jobs of a parameter-server cluster: the coordinator runs the trainer, the others serve.
+PS_JOBS = ("chief", "worker", "ps")
+PS_LAUNCH_HINT = "launch/local_workers.py --ps 1 sets one up on this machine; see launch/README.md"
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    """'mirrored' (all local GPUs), 'multi_worker' (hosts from TF_CONFIG), else the default."""
+    """'mirrored' (all local GPUs), 'multi_worker' (hosts from TF_CONFIG), 'parameter_server'
+    (this process is the coordinator of the TF_CONFIG cluster), else the default."""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "parameter_server":
+        cluster = parameter_server_cluster()
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity(logging.WARNING)  # Connecting logs the whole session config at INFO.
+        try:
+            return tf.distribute.ParameterServerStrategy(cluster)
+        finally:
+            logging.set_verbosity(verbosity)
     return tf.distribute.get_strategy()
+
+
+def parameter_server_cluster() -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The TF_CONFIG cluster, checked to have a chief, workers and parameter servers.
+
+    Raises:
+      MtssError: if TF_CONFIG is missing, not JSON, or lacks one of the jobs.
+    """
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as e:
+        raise MtssError(f"TF_CONFIG is not JSON ({e})") from None
+    jobs = config.get("cluster", {}) if isinstance(config, dict) else {}
+    missing = [job for job in PS_JOBS if not jobs.get(job)]
+    if missing:
+        raise MtssError(f"--strategy parameter_server needs TF_CONFIG with a cluster of {', '.join(PS_JOBS)} jobs; "
+                        f"{'TF_CONFIG is not set' if not config else 'it has no ' + ', '.join(missing)} "
+                        f"({PS_LAUNCH_HINT})")
+    return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+
+
+def serve_if_server(strategy_name: str) -> bool:
+    """In a parameter-server job, a 'worker' or 'ps' process serves the coordinator's
+    requests until it is killed; returns False in every other process (it trains)."""
+    if strategy_name != "parameter_server":
+        return False
+    resolver = parameter_server_cluster()
+    if resolver.task_type not in ("worker", "ps"):
+        return False
+    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type, task_index=resolver.task_id,
+                                  protocol=resolver.rpc_layer or "grpc", start=True)
+    logging.info("%s %d of the parameter-server job serving at %s", resolver.task_type, resolver.task_id, server.target)
+    server.join()
+    return True
+
+
+def is_parameter_server(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

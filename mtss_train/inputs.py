@@ -5,12 +5,17 @@ kind of data; either way `--task_param TASK.data=PATH` gives it its own path. Ta
 kind and path share one Source, so a bad file is counted once however many tasks read it.
 """
 
+import inspect
 from typing import Iterator, Sequence
+
+from absl import logging
 
 from mtss_train.compat import tf
 from mtss_train.data.images import ReadOptions, read_options
+from mtss_train.data.in_graph import calls_python
 from mtss_train.data.source import Source
 from mtss_train.errors import MtssError
+from mtss_train.steps import RemoteStepRunner
 from mtss_train.task import Task
 
 SHARED_KIND = "images"
@@ -75,3 +80,41 @@ def iterators(strategy: tf.distribute.Strategy, tasks: Sequence[Task], sources: 
         task.name: iter(distributed_dataset(strategy, task, sources[task.name], seed + 1009 * i))
         for i, task in enumerate(tasks)
     }
+
+
+def local_iterators(tasks: Sequence[Task], sources: dict[str, Source], seed: int) -> dict[str, Iterator]:
+    """One endless iterator of global batches per task, made in this process (no strategy)."""
+    return {task.name: iter(task.make_dataset(sources[task.name].dataset(seed + 1009 * i), task.config.batch_size,
+                                              seed + 1009 * i))
+            for i, task in enumerate(tasks)}
+
+
+def _pure_tf_dataset(source: Source, seed: int | tf.Tensor) -> tf.data.Dataset:
+    """The source's TF-ops-only dataset, where it offers one (`pure_tf`)."""
+    if "pure_tf" in inspect.signature(source.dataset).parameters:
+        return source.dataset(seed, pure_tf=True)
+    return source.dataset(seed)
+
+
+def per_worker_iterators(runner: RemoteStepRunner, tasks: Sequence[Task], sources: dict[str, Source],
+                         seed: int) -> dict[str, object]:
+    """One iterator per task over datasets that each parameter-server worker builds and
+    reads itself (with its sources' TF-only decoding), for `RemoteStepRunner.run`."""
+    iterators = {}
+    for i, task in enumerate(tasks):
+        source, task_seed = sources[task.name], seed + 1009 * i
+        if calls_python(task.make_dataset(_pure_tf_dataset(source, task_seed), task.config.batch_size, task_seed)):
+            logging.warning(
+                "the input pipeline of task %s calls Python (tf.numpy_function or tf.py_function, in its make_dataset "
+                "or in the dataset() of its source %s): under --strategy parameter_server that Python runs in the "
+                "coordinator, which then prepares every worker's batches", task.name, type(source).__name__)
+
+        def dataset_fn(context: tf.distribute.InputContext, task: Task = task, source: Source = source,
+                       task_seed: int = task_seed) -> tf.data.Dataset:
+            # Every worker runs this one traced function; its clock sets its own order.
+            worker_seed = task_seed + tf.cast(tf.timestamp() * 1e6, tf.int64) % 2**31
+            batch = context.get_per_replica_batch_size(task.config.batch_size)
+            return task.make_dataset(_pure_tf_dataset(source, worker_seed), batch, task_seed)
+
+        iterators[task.name] = runner.per_worker_iterator(dataset_fn)
+    return iterators

@@ -8,9 +8,11 @@ so a runner whose steps run remotely (ParameterServerStrategy's RemoteValues) fi
 same loop by overriding `run` and `fetch`.
 """
 
-from typing import Callable, Sequence
+import collections
+from typing import Callable, NamedTuple, Sequence
 
 from mtss_train.compat import tf, tf_keras
+from mtss_train.distribution import parameter_server_cluster
 from mtss_train.errors import MtssError
 from mtss_train.model import MultiTaskModel
 from mtss_train.task import Batch, Metric
@@ -121,7 +123,71 @@ class StepRunner:
         compiled = self._get("pictures", task_name, lambda: tf.function(pictures_of))
         return compiled(self.strategy.experimental_local_results(batch)[0])
 
+    def wait(self) -> None:
+        """Returns when every step run so far has been applied (steps here run in order)."""
+
     @staticmethod
     def fetch(results: Results) -> dict[str, tuple[float, float]]:
         """Results as host floats; the only place a step's values leave the device."""
         return {k: (float(num), float(den)) for k, (num, den) in results.items()}
+
+
+class RemoteResults(NamedTuple):
+    """One task's Results of a step scheduled on a parameter-server worker, not yet fetched."""
+
+    remote: tf.distribute.experimental.coordinator.RemoteValue
+    task_name: str
+
+
+class RemoteStepRunner(StepRunner):
+    """Schedules the training steps on the workers of a ParameterServerStrategy.
+
+    `run` takes per-worker iterators (each worker draws its own batches) and returns at
+    once; the worker that picks the step up applies its update to the parameter servers
+    asynchronously. At most `in_flight_per_worker` steps per worker are queued: the
+    coordinator then waits for the oldest, so progress, ETA and saves follow the steps
+    that ran, not the ones scheduled. Evaluation and pictures run on the coordinator.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: MultiTaskModel,
+                 optimizer: tf_keras.optimizers.Optimizer, trainable_scopes: Sequence[str] = (),
+                 in_flight_per_worker: int = 2):
+        super().__init__(strategy, model, optimizer, trainable_scopes)
+        self.coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
+        workers = parameter_server_cluster().cluster_spec().num_tasks("worker")
+        self._in_flight: collections.deque = collections.deque(maxlen=in_flight_per_worker * workers)
+
+    def per_worker_iterator(self, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):
+        """An iterator over `dataset_fn`'s dataset made on each worker, for `run`."""
+        return iter(self.coordinator.create_per_worker_dataset(
+            lambda: self.strategy.distribute_datasets_from_function(dataset_fn)))
+
+    def _scheduled(self, task_names: tuple[str, ...]) -> Callable:
+        step = self.train_step(task_names)
+        return tf.function(lambda iterators: step({name: next(iterators[name]) for name in task_names}))
+
+    def run(self, task_names: Sequence[str], iterators: dict[str, object]) -> dict[str, RemoteResults]:
+        """Schedules one training step of `task_names`; `iterators`: per-worker iterators."""
+        names = tuple(task_names)
+        function = self._get("scheduled", names, lambda: self._scheduled(names))
+        if len(self._in_flight) == self._in_flight.maxlen:
+            self._in_flight[0].fetch()  # Waits for the oldest step (a few scalars).
+        remote = self.coordinator.schedule(function, args=({name: iterators[name] for name in names},))
+        self._in_flight.append(remote)
+        return {name: RemoteResults(remote, name) for name in names}
+
+    def eval_step(self, task_name: str) -> Callable[[Batch], Results]:
+        """Results of a task in inference mode, on the coordinator."""
+        return self._get("eval", task_name, lambda: tf.function(
+            lambda batch: self._replica_results(task_name, batch, training=False)[1]))
+
+    def wait(self) -> None:
+        """Returns when every scheduled step has run (raises the first step's error)."""
+        self.coordinator.join()
+        self._in_flight.clear()
+
+    @staticmethod
+    def fetch(results: Results | RemoteResults) -> dict[str, tuple[float, float]]:
+        if isinstance(results, RemoteResults):
+            results = results.remote.fetch()[results.task_name]
+        return StepRunner.fetch(results)

@@ -5,6 +5,10 @@ the schedule needs no state beyond the step), pulls that task's batch, and appli
 gradient of its loss (plus weight decay of the trunk and its head) to the trunk and its
 head. The pieces: `TrainingState` (model, optimizer, checkpoints), `StepRunner` (the
 compiled per-task steps under the strategy), `Reporter` (progress line, TensorBoard).
+
+Under a ParameterServerStrategy this process is the coordinator: a `RemoteStepRunner`
+schedules the steps on the workers, which read their own batches; building, pictures,
+evaluation and checkpoints happen here, on batches this process makes.
 """
 
 import contextlib
@@ -23,12 +27,13 @@ from mtss_train.compat import tf
 from mtss_train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
-from mtss_train.distribution import is_chief, is_multi_worker, make_strategy, signal_vote, worker_count
+from mtss_train.distribution import (is_chief, is_multi_worker, is_parameter_server, make_strategy, signal_vote,
+                                     worker_count)
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
 from mtss_train.failures import explained
 from mtss_train.reporting import Reporter
 from mtss_train.state import TrainingState
-from mtss_train.steps import StepRunner
+from mtss_train.steps import RemoteStepRunner, StepRunner
 from mtss_train.train_dir_lock import TrainDirLock
 
 # Evaluation draws the same batches every time: a fixed seed, apart from training seeds.
@@ -117,6 +122,7 @@ class Trainer:
         self.tasks = build_tasks(config)
         self.strategy = make_strategy(config.strategy)
         self.chief = is_chief(self.strategy)
+        self.remote = is_parameter_server(self.strategy)
         inputs.check_batch_sizes(self.tasks, self.strategy.num_replicas_in_sync)
         self.schedule = TaskSchedule([t.name for t in self.tasks], config.schedule, config.task_weights, config.seed)
         options = ReadOptions(config.image_key, config.max_image_pixels)
@@ -127,13 +133,18 @@ class Trainer:
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
         self.state = TrainingState(config, self.tasks, self.strategy, self.chief)
         self.model = self.state.model
-        self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes)
+        runner = RemoteStepRunner if self.remote else StepRunner
+        self.runner = runner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes)
         self.summary_dir = os.path.join(config.train_dir, "logs")
         self.stopped_by: signal.Signals | None = None
+        self._local_iterators: dict[str, Iterator] = {}  # Parameter-server runs: batches made here, for pictures.
 
     def iterators(self, sources: dict[str, Source], seed: int) -> dict[str, Iterator]:
-        """Endless distributed batch iterators of the tasks that have a source."""
+        """Endless batch iterators of the tasks that have a source: distributed, or made in
+        this process under a parameter-server strategy (whose workers read their own)."""
         tasks = [t for t in self.tasks if t.name in sources]
+        if self.remote:
+            return inputs.local_iterators(tasks, sources, seed)
         return inputs.iterators(self.strategy, tasks, sources, seed)
 
     def prepare(self, batches: dict[str, object] | None = None) -> int:
@@ -197,7 +208,7 @@ class Trainer:
 
     def _start(self) -> tuple[dict[str, Iterator], dict[str, object]]:
         """Builds and restores (or warm-starts) the model, writes flags.json; returns the
-        batch iterators and the first batch of each task."""
+        training batch iterators and the first batch of each task."""
         config = self.config
         if not self.chief:
             try:
@@ -212,6 +223,9 @@ class Trainer:
         if self.chief:
             self.state.set_aside_unreadable()
             write_config(config, self.tasks, os.path.join(config.train_dir, "flags.json"))
+        if self.remote:
+            self._local_iterators = iterators
+            iterators = inputs.per_worker_iterators(self.runner, self.tasks, self.sources, config.seed + start)
         return iterators, first
 
     def _writer(self) -> tf.summary.SummaryWriter:
@@ -224,6 +238,7 @@ class Trainer:
 
     def _save(self, step: int, last_saved: str | None) -> str | None:
         """Checkpoints `step`; a failed write (e.g. a full disk) says what is still intact."""
+        self.runner.wait()  # Every scheduled step applied: the checkpoint holds `step` steps.
         try:
             return self.state.save(step) or last_saved
         except CheckpointError as e:
@@ -247,19 +262,17 @@ class Trainer:
         with stop:
             if ctrl_c_pressed():  # While starting, and TensorFlow swallowed the KeyboardInterrupt: no step.
                 raise KeyboardInterrupt
+            ended = time.perf_counter()
             while step < config.max_steps and not stop.requested:
-                began = time.perf_counter()
+                # A scheduled remote step returns at once: time it from the previous one.
+                began = ended if self.remote else time.perf_counter()
                 names = self.schedule.tasks_at(step)
                 with explained([by_name[n] for n in names], f"at step {step + 1}"):
-                    for name in names:
-                        if name in fresh:
-                            fresh.discard(name)
-                        else:
-                            last_batches[name] = next(iterators[name])
-                    results = self.runner.run(names, {name: last_batches[name] for name in names})
+                    results = self.runner.run(names, self._step_inputs(names, iterators, last_batches, fresh))
                 step += 1
+                ended = time.perf_counter()
                 for name in names:
-                    reporter.record(step, name, results[name], time.perf_counter() - began)
+                    reporter.record(step, name, results[name], ended - began)
                 stop.check(step, last=step == config.max_steps)
                 last = step == config.max_steps or stop.requested
                 due = {kind: step % every == 0 or last for kind, every in (
@@ -294,8 +307,25 @@ class Trainer:
             logging.warning("%s came after the workers' last stop check; the run finished", stop.received.name)
         return last_saved
 
+    def _step_inputs(self, names: list[str], iterators: dict[str, Iterator], last_batches: dict[str, object],
+                     fresh: set[str]) -> dict[str, object]:
+        """What a step of `names` takes: their next batches (a task's first batch, drawn to
+        build the model, is trained on first), or the per-worker iterators under a
+        parameter-server strategy, whose workers draw their own."""
+        if self.remote:
+            return {name: iterators[name] for name in names}
+        for name in names:
+            if name in fresh:
+                fresh.discard(name)
+            else:
+                last_batches[name] = next(iterators[name])
+        return {name: last_batches[name] for name in names}
+
     def _write_summaries(self, reporter: Reporter, step: int, last_batches: dict[str, object]) -> None:
-        """Scalars, and every task's pictures from its most recent batch."""
+        """Scalars, and every task's pictures from its most recent batch (under a
+        parameter-server strategy, a new batch made here: the workers' stay there)."""
+        if self.remote:
+            last_batches.update({name: next(iterator) for name, iterator in self._local_iterators.items()})
         scalars = {"train/learning_rate": self.state.optimizer.learning_rate}
         for kind, count in self._skips_by_kind().items():
             scalars[f"data/skipped/{kind}"] = count

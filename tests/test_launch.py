@@ -36,6 +36,19 @@ def test_slurm_environment_gives_one_worker_per_node_and_this_tasks_index():
                                       "task": {"type": "worker", "index": 2}}
 
 
+@pytest.mark.parametrize("procid, task", [("0", {"type": "chief", "index": 0}), ("2", {"type": "ps", "index": 1}),
+                                         ("4", {"type": "worker", "index": 1})])
+def test_with_parameter_servers_the_first_host_coordinates_then_the_servers_then_the_workers(procid, task):
+    env = {"SLURM_JOB_NODELIST": "n[1-5]", "SLURM_NTASKS": "5", "SLURM_PROCID": procid}
+    run = run_helper("slurm", "--ps", "2", "--port", "2222", "--print", env=env)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"cluster": {"chief": ["n1:2222"], "ps": ["n2:2222", "n3:2222"],
+                                                  "worker": ["n4:2222", "n5:2222"]}, "task": task}
+    three_nodes = {**env, "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_NTASKS": "3"}
+    too_few = run_helper("slurm", "--ps", "2", "--print", env=three_nodes)
+    assert too_few.returncode == 2 and "3 hosts cannot hold a chief, 2 parameter server(s)" in too_few.stderr
+
+
 def test_the_command_runs_with_tf_config_set():
     env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
     run = run_helper("slurm", "--", sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])", env=env)

@@ -1,0 +1,99 @@
+"""Asynchronous parameter-server training on localhost: a coordinator (the chief), two
+workers that build and read their own input pipelines, one parameter server."""
+
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from mtss_train import checkpoints, loader
+from mtss_train.data import sample
+from test_distributed import launch, launched, progress_steps, saved_step, wait_for
+
+pytestmark = pytest.mark.slow
+
+TASK_FLAGS = ("--tasks", "rp,ex", "--smoke", "--log_every_steps", "1", "--task_param", "rp.batch_size=4",
+              "--task_param", "ex.batch_size=4")
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """The sample photos and one corrupt file, which the workers must skip."""
+    directory = tmp_path / "photos"
+    directory.mkdir()
+    for path in sample.sample_photo_paths():
+        shutil.copy(path, directory)
+    (directory / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return directory
+
+
+def head_weights(prefix: str, scope: str) -> dict[str, np.ndarray]:
+    names = [n for n in checkpoints.read_specs(prefix) if n.startswith(scope) and "/weights" in n]
+    return checkpoints.read_tensors(prefix, names)
+
+
+def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_and_resumes(tmp_path, photos):
+    train_dir = tmp_path / "run"
+    run = launch("--workers", "2", "--ps", "1", "--", *TASK_FLAGS, "--data", str(photos), "--train_dir",
+                 str(train_dir), "--max_steps", "6", "--save_every_steps", "3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"checkpoint:      {train_dir}/model.ckpt-6" in run.stdout
+    assert "training rp, ex from step 0 to 6" in run.stderr
+    assert re.search(r"step \d/6  rp: loss [\d.]+", run.stderr) and re.search(r"step \d/6  ex: loss [\d.]+", run.stderr)
+    assert "calls Python" not in run.stderr  # The workers decode with TF ops, not the coordinator's Python.
+    worker_logs = [open(train_dir / f"worker-{i}.log").read() for i in range(2)]
+    assert any(f"warning: skipping {photos / 'broken.jpg'}: not a decodable image" in log for log in worker_logs)
+
+    first, last = (str(train_dir / f"model.ckpt-{step}") for step in (3, 6))
+    assert int(checkpoints.read_tensors(last, ["global_step"])["global_step"]) == 6
+    for scope in ("rp_head/", "ex_head/", "resnet_v2_101/"):  # Both tasks' steps reached the parameter server.
+        before, after = head_weights(first, scope), head_weights(last, scope)
+        assert before and any(not np.array_equal(before[n], after[n]) for n in before), scope
+    features = loader.load_feature_extractor(last, size="tiny")(np.zeros([1, 64, 64, 3], np.uint8))
+    assert features.shape[-1] > 0 and np.all(np.isfinite(features))
+
+    again = launch("--workers", "2", "--ps", "1", "--", *TASK_FLAGS, "--data", str(photos), "--train_dir",
+                   str(train_dir), "--max_steps", "8", "--save_every_steps", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training rp, ex from step 6 to 8" in again.stderr
+    assert int(checkpoints.read_tensors(checkpoints.latest(str(train_dir)), ["global_step"])["global_step"]) == 8
+
+
+def test_sigterm_to_the_coordinator_saves_the_steps_it_scheduled_and_the_job_resumes(tmp_path):
+    train_dir = tmp_path / "run"
+    args = ("--workers", "2", "--ps", "1", "--", *TASK_FLAGS, "--train_dir", str(train_dir), "--max_steps", "500",
+            "--save_every_steps", "500")
+    with launched(tmp_path, *args) as launcher:
+        err = tmp_path / "launcher.err"
+        wait_for(lambda: len(progress_steps(err)) >= 3, "three progress lines")
+        chief = int(re.search(r"chief 0: pid (\d+)", err.read_text()).group(1))
+        os.kill(chief, signal.SIGTERM)
+        assert launcher.wait(timeout=300) == 128 + signal.SIGTERM, err.read_text()[-3000:]
+    stopped = saved_step(train_dir)
+    assert 3 <= stopped < 500
+    log = err.read_text()
+    assert f"SIGTERM: stopped at step {stopped} after saving" in log and "stopped by SIGTERM" in log
+    again = launch("--workers", "2", "--ps", "1", "--", *TASK_FLAGS, "--train_dir", str(train_dir),
+                   "--max_steps", str(stopped + 2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"from step {stopped} to {stopped + 2}" in again.stderr
+
+
+def test_a_dead_parameter_server_fails_the_job_naming_it(tmp_path):
+    with launched(tmp_path, "--workers", "1", "--ps", "1", "--", *TASK_FLAGS, "--train_dir", str(tmp_path / "run"),
+                  "--max_steps", "500") as launcher:
+        err = tmp_path / "launcher.err"
+        wait_for(lambda: len(progress_steps(err)) >= 1, "a progress line")
+        os.kill(int(re.search(r"ps 0: pid (\d+)", err.read_text()).group(1)), signal.SIGKILL)
+        assert launcher.wait(timeout=300) != 0
+    assert "error: ps 0 exited with -9 while the chief trains; stopping the job" in err.read_text()
+
+
+def test_without_a_cluster_the_strategy_says_what_it_needs(tmp_path):
+    result = run_cli("mtss_train", "--strategy", "parameter_server", "--smoke", "--train_dir", str(tmp_path))
+    assert_one_line_error(result, "--strategy parameter_server needs TF_CONFIG", "TF_CONFIG is not set",
+                          "launch/local_workers.py --ps 1")
