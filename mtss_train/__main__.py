@@ -92,6 +92,9 @@ _STOP_CHECK_EVERY = flags.DEFINE_integer(
     "stop_check_every_steps", _default("stop_check_every_steps"),
     "--strategy multi_worker: how often the workers agree on SIGTERM/SIGINT (one tiny all-reduce), so all "
     "stop at the same step, the chief saves it, and each exits 128 + the signal.")
+_CHIEF_GONE_SECONDS = flags.DEFINE_float(
+    "chief_gone_seconds", 60, "--strategy parameter_server: a worker or parameter server leaves (exit 0) once the "
+    "chief it served has not answered for this long, so the scheduler sees the job end.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", _default("seed"), "Seed of data order, task schedule and augmentation.")
 _STRATEGY = flags.DEFINE_enum("strategy", _default("strategy"), list(STRATEGIES), "tf.distribute strategy.")
 _PRECISION = flags.DEFINE_enum("precision", _default("precision"), list(PRECISIONS), "Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.")
@@ -154,7 +157,7 @@ def main(argv: list[str]) -> None:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
     try:
-        if serve_if_server(_STRATEGY.value):  # A parameter-server job's worker or ps: serves until killed.
+        if serve_if_server(_STRATEGY.value, _CHIEF_GONE_SECONDS.value):  # A parameter-server job's worker or ps.
             return
         with ctrl_c_wins():
             trainer = Trainer(config_from_flags())

@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import socket
+import time
 from typing import Callable
 
 import numpy as np
@@ -53,9 +55,11 @@ def parameter_server_cluster() -> tf.distribute.cluster_resolver.ClusterResolver
     return tf.distribute.cluster_resolver.TFConfigClusterResolver()
 
 
-def serve_if_server(strategy_name: str) -> bool:
+def serve_if_server(strategy_name: str, chief_gone_seconds: float) -> bool:
     """In a parameter-server job, a 'worker' or 'ps' process serves the coordinator's
-    requests until it is killed; returns False in every other process (it trains)."""
+    requests and returns True once the chief, after it was up, has not answered for
+    `chief_gone_seconds` (TF servers never stop by themselves, and Slurm or a Kubernetes
+    Job waits for every process); returns False at once in every other process (it trains)."""
     if strategy_name != "parameter_server":
         return False
     resolver = parameter_server_cluster()
@@ -63,9 +67,30 @@ def serve_if_server(strategy_name: str) -> bool:
         return False
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type, task_index=resolver.task_id,
                                   protocol=resolver.rpc_layer or "grpc", start=True)
-    logging.info("%s %d of the parameter-server job serving at %s", resolver.task_type, resolver.task_id, server.target)
-    server.join()
+    chief = resolver.cluster_spec().task_address("chief", 0)
+    logging.info("%s %d of the parameter-server job serving at %s until the chief at %s is gone",
+                 resolver.task_type, resolver.task_id, server.target, chief)
+    _wait_until_gone(chief, chief_gone_seconds)
+    logging.info("the chief at %s has not answered for %g s: leaving", chief, chief_gone_seconds)
     return True
+
+
+def _answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _wait_until_gone(address: str, gone_seconds: float, poll_seconds: float = 2.0) -> None:
+    """Returns once `address`, after it first answered, has not answered for `gone_seconds`."""
+    last_answer = None
+    while last_answer is None or time.monotonic() - last_answer < gone_seconds:
+        if _answers(address):
+            last_answer = time.monotonic()
+        time.sleep(poll_seconds)
 
 
 def is_parameter_server(strategy: tf.distribute.Strategy) -> bool:

@@ -5,14 +5,18 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli_env, run_cli
 from mtss_train import checkpoints, loader
 from mtss_train.data import sample
-from test_distributed import launch, launched, progress_steps, saved_step, wait_for
+from test_distributed import launch, launched, local_workers, progress_steps, saved_step, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +101,24 @@ def test_without_a_cluster_the_strategy_says_what_it_needs(tmp_path):
     result = run_cli("mtss_train", "--strategy", "parameter_server", "--smoke", "--train_dir", str(tmp_path))
     assert_one_line_error(result, "--strategy parameter_server needs TF_CONFIG", "TF_CONFIG is not set",
                           "launch/local_workers.py --ps 1")
+
+
+def test_a_server_leaves_once_its_chief_has_stopped_answering(tmp_path):
+    chief = socket.create_server(("localhost", 0))  # Stands in for the coordinator's port.
+    ps_port, worker_port = local_workers.free_ports(2)
+    cluster = {"chief": [f"localhost:{chief.getsockname()[1]}"], "ps": [f"localhost:{ps_port}"],
+               "worker": [f"localhost:{worker_port}"]}
+    with open(tmp_path / "ps.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mtss_train", "--strategy", "parameter_server", "--chief_gone_seconds", "3"],
+            stdout=log, stderr=log, env=cli_env(TF_CONFIG=local_workers.tf_config(cluster, 0, "ps")))
+    try:
+        wait_for(lambda: "until the chief at" in (tmp_path / "ps.log").read_text(), "the server to start")
+        time.sleep(5)
+        assert server.poll() is None, "left while the chief still answered"
+        chief.close()
+        assert server.wait(timeout=120) == 0
+    finally:
+        server.kill()
+        chief.close()
+    assert "has not answered for 3 s: leaving" in (tmp_path / "ps.log").read_text()
