@@ -13,7 +13,8 @@ Parts (`--parts`, default all but beam):
   flops:      FLOPs of a trunk step (TensorFlow's cost analysis of the slim graph) per
               second of the slim and trainer steps, against a float32 matmul's FLOP/s
               measured in the same rounds (the machine's practical peak).
-  pipelines:  for each of --tasks: its input pipeline alone, the bare trunk's fwd+bwd, the
+  pipelines:  for each of --tasks: its input pipeline alone (OpenCV decoding, and TF ops
+              only as parameter-server workers run it), the bare trunk's fwd+bwd, the
               trainer's step on a fixed batch and fed by its pipeline; the pipeline's
               examples per CPU-second against what the trunk consumes.
   extractor:  the ms motion-mask extractor's frames/s on one core at 320x240 and 640x480
@@ -212,7 +213,7 @@ def measure_pipelines(trainer: Trainer, iterators: dict[str, Iterator], batches:
 
 
 def print_pipeline(name: str, result: dict) -> None:
-    rates = {k: 1 / s["wall_s"] for k, s in result["seconds"].items()}
+    rates = {k: 1 / s["wall_s"] for k, s in result["seconds"].items() if k != "input_pure_tf"}  # Its own line.
     print(f"{name}: " + "  ".join(f"{k} {v:.2f} batches/s" for k, v in rates.items()))
     cpu = {k: s["cpu_s"] for k, s in result["seconds"].items()}
     print(f"{name}: step/trunk time {rates['trunk'] / rates['step']:.2f}x  "
@@ -221,6 +222,9 @@ def print_pipeline(name: str, result: dict) -> None:
     print(f"{name}: input {result['input_per_core']:.1f} examples/s/core; trunk fwd+bwd consumes "
           f"{result['trunk_per_s']:.2f} examples/s ({result['trunk_per_core']:.2f}/s/core): one input core feeds "
           f"{result['input_over_trunk_per_core']:.1f} trunk cores; {result['cores_to_feed']:.2f} cores keep it fed")
+    if "input_pure_tf_per_core" in result:
+        print(f"{name}: TF-only input (as parameter-server workers build it) {result['input_pure_tf_per_core']:.1f} "
+              f"examples/s/core, {result['input_pure_tf_per_core'] / result['input_per_core']:.2f}x the OpenCV one's")
 
 
 def print_extractor(rates: dict) -> None:

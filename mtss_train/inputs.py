@@ -89,11 +89,14 @@ def local_iterators(tasks: Sequence[Task], sources: dict[str, Source], seed: int
             for i, task in enumerate(tasks)}
 
 
+def offers_pure_tf(source: Source) -> bool:
+    """Whether the source can build its dataset from TF ops only (`dataset(pure_tf=True)`)."""
+    return "pure_tf" in inspect.signature(source.dataset).parameters
+
+
 def _pure_tf_dataset(source: Source, seed: int | tf.Tensor) -> tf.data.Dataset:
-    """The source's TF-ops-only dataset, where it offers one (`pure_tf`)."""
-    if "pure_tf" in inspect.signature(source.dataset).parameters:
-        return source.dataset(seed, pure_tf=True)
-    return source.dataset(seed)
+    """The source's TF-ops-only dataset, where it offers one."""
+    return source.dataset(seed, pure_tf=True) if offers_pure_tf(source) else source.dataset(seed)
 
 
 def per_worker_iterators(runner: RemoteStepRunner, tasks: Sequence[Task], sources: dict[str, Source],

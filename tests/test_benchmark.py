@@ -107,6 +107,8 @@ def test_tiny_run_prints_every_part_and_writes_consistent_json(tmp_path):
         assert re.search(rf"{task}: input [\d.]+ batches/s  trunk [\d.]+ batches/s  step [\d.]+ batches/s  "
                          r"trained [\d.]+", run.stdout)
         assert re.search(rf"{task}: step/trunk time [\d.]+x  input/trained rate [\d.]+x", run.stdout)
+        assert re.search(rf"{task}: TF-only input \(as parameter-server workers build it\) [\d.]+ examples/s/core, "
+                         r"[\d.]+x the OpenCV one's", run.stdout)
     assert re.search(r"trainer/bare-slim step time: median [\d.]+x \(min [\d.]+, max [\d.]+\) over 2 rounds",
                      run.stdout)
     assert re.search(r"320x240: [\d.]+ frames/s/core", run.stdout)
@@ -130,7 +132,8 @@ def test_tiny_run_prints_every_part_and_writes_consistent_json(tmp_path):
 
     for task, figures in report["pipelines"].items():
         assert figures["examples_per_batch"] == 2
-        assert set(figures["seconds"]) == {"input", "trunk", "step", "trained"}
+        assert set(figures["seconds"]) == {"input", "input_pure_tf", "trunk", "step", "trained"}
+        assert figures["input_pure_tf_per_core"] == pytest.approx(2 / figures["seconds"]["input_pure_tf"]["cpu_s"])
         assert figures["cores_to_feed"] == pytest.approx(figures["trunk_per_s"] / figures["input_per_core"])
     assert set(report["pipelines"]) == {"rp", "ms"}
 
