@@ -242,13 +242,28 @@ def _write_json(path: str, value: dict) -> None:
     tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def finish(pipeline: beam.Pipeline, commit_fn: Callable, written: beam.PCollection, details: beam.PCollection,
-           plan: Plan) -> None:
-    """Adds the final step: `commit_fn(None, written stats list, details list, plan)`, once,
-    after every shard is written (it waits for both side inputs)."""
-    (pipeline
-     | "Commit" >> beam.Create([None])
-     | "MoveAndManifest" >> beam.Map(commit_fn, beam.pvalue.AsList(written), beam.pvalue.AsList(details), plan))
+def run_pipeline(plan: Plan, options: "beam.options.pipeline_options.PipelineOptions", per_input: Callable,
+                 per_shard: Callable, commit_fn: Callable, details_tag: str, settings: object) -> dict:
+    """Runs the pipeline every preparation shares to the end; returns the manifest.
+
+    The listed inputs go to `per_input(path, plan.root, settings, plan.shards)`, which
+    yields (shard index, item) pairs and, tagged `details_tag`, what it has to say of the
+    input; each shard's items go to `per_shard((index, items), plan.run, plan.shards)`,
+    which writes the shard and returns its `write_shard` stats; then, once, after every
+    shard, `commit_fn(None, stats list, details list, plan)` (it waits for both side inputs).
+    """
+    with beam.Pipeline(options=options) as pipeline:
+        outputs = (listed(pipeline, plan)
+                   | "PerInput" >> beam.FlatMap(per_input, plan.root, settings, plan.shards).with_outputs(
+                       details_tag, main="items"))
+        written = (outputs.items
+                   | "ByShard" >> beam.GroupByKey()
+                   | "Write" >> beam.Map(per_shard, plan.run, plan.shards))
+        (pipeline
+         | "Commit" >> beam.Create([None])
+         | "MoveAndManifest" >> beam.Map(commit_fn, beam.pvalue.AsList(written),
+                                         beam.pvalue.AsList(outputs[details_tag]), plan))
+    return read_manifest(plan.output)
 
 
 def commit(plan: Plan, prefix: str, written: list[dict], manifest: dict) -> None:

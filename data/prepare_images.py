@@ -184,12 +184,4 @@ def prepare_images(pattern: str, output: str, shards: int, settings: ImageSettin
     """
     settings.validate()
     plan = beam_io.make_plan("images", pattern, IMAGE_EXTENSIONS, output, shards, dataclasses.asdict(settings))
-    with beam.Pipeline(options=options) as pipeline:
-        checked = (beam_io.listed(pipeline, plan)
-                   | "Prepare" >> beam.FlatMap(_prepare, plan.root, settings, shards).with_outputs(
-                       _SKIPPED, main="images"))
-        written = (checked.images
-                   | "ByShard" >> beam.GroupByKey()
-                   | "Write" >> beam.Map(_write, plan.run, shards))
-        beam_io.finish(pipeline, _commit, written, checked[_SKIPPED], plan)
-    return beam_io.read_manifest(output)
+    return beam_io.run_pipeline(plan, options, _prepare, _write, _commit, _SKIPPED, settings)

@@ -172,12 +172,4 @@ def prepare_masks(pattern: str, output: str, shards: int, settings: MaskSettings
     settings.validate()
     plan = beam_io.make_plan("masks", pattern, video_lib.VIDEO_EXTENSIONS, output, shards,
                              dataclasses.asdict(settings), check=_check_ids)
-    with beam.Pipeline(options=options) as pipeline:
-        extracted = (beam_io.listed(pipeline, plan)
-                     | "Extract" >> beam.FlatMap(_extract, plan.root, settings, shards).with_outputs(
-                         _VIDEOS, main="frames"))
-        written = (extracted.frames
-                   | "ByShard" >> beam.GroupByKey()
-                   | "Write" >> beam.Map(_write, plan.run, shards))
-        beam_io.finish(pipeline, _commit, written, extracted[_VIDEOS], plan)
-    return beam_io.read_manifest(output)
+    return beam_io.run_pipeline(plan, options, _extract, _write, _commit, _VIDEOS, settings)

@@ -38,21 +38,22 @@ def describe_settings(task: Task) -> str:
     return text if changed else f"{text} (its defaults)"
 
 
+# What an error of each kind says about the tasks at work, and what to do about it.
+_MEANINGS = {
+    tf.errors.ResourceExhaustedError: ("ran out of memory", "lower those that size the input or the batch"),
+    tf.errors.InvalidArgumentError: ("failed", "check them against the task's documentation"),
+}
+
+
 @contextlib.contextmanager
 def explained(tasks: Sequence[Task], doing: str) -> Iterator[None]:
     """Turns out-of-memory and invalid-argument errors from TF into an MtssError naming
     `tasks` (the ones at work), what they were `doing`, and their settings."""
     try:
         yield
-    except tf.errors.ResourceExhaustedError as e:
-        names = " and ".join(t.name for t in tasks)
+    except tuple(_MEANINGS) as e:
+        what, advice = next(meaning for kind, meaning in _MEANINGS.items() if isinstance(e, kind))
         raise MtssError(
-            f"{names} ran out of memory {doing} ({op_message(e)}); settings: "
-            f"{'; '.join(describe_settings(t) for t in tasks)}; lower those that size the input or the batch"
-        ) from None
-    except tf.errors.InvalidArgumentError as e:
-        names = " and ".join(t.name for t in tasks)
-        raise MtssError(
-            f"{names} failed {doing} ({op_message(e)}); settings: "
-            f"{'; '.join(describe_settings(t) for t in tasks)}; check them against the task's documentation"
+            f"{' and '.join(t.name for t in tasks)} {what} {doing} ({op_message(e)}); settings: "
+            f"{'; '.join(describe_settings(t) for t in tasks)}; {advice}"
         ) from None
