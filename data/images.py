@@ -103,7 +103,9 @@ def decode_image(encoded: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PI
     if size and _size_problem(*size, min_side, max_pixels):
         return None, _size_problem(*size, min_side, max_pixels)
     try:
-        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+        # EXIF orientation ignored, as tf.io decoding (parameter-server workers) and
+        # tensorflow/models slim pipelines do: every pipeline sees the same pixels.
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error:  # Raised for some malformed input instead of None.
         image = None
     if image is None:
@@ -295,17 +297,8 @@ class ImageSource:
     def _records_in_tf(self, shard: tuple[int, int], seed: int | tf.Tensor) -> tf.data.Dataset:
         """Endless shuffled paths (kind 'files') or ('file (record index)', record) of this
         shard, in TF ops only."""
-        paths = in_graph.endless_permutations((self.paths[shard[1]::shard[0]],), seed).map(lambda path: path)
-        if self.kind == "files":
-            return paths
-
-        def keyed_records(path: tf.Tensor) -> tf.data.Dataset:
-            # A truncated or corrupt file ends here; TF logs that it dropped the error.
-            records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True).enumerate()
-            return records.map(lambda i, record: (path + " (record " + tf.strings.as_string(i) + ")", record))
-
-        # Files in a new order every epoch, records mixed across neighbouring files.
-        return paths.interleave(keyed_records, cycle_length=4, block_length=1).shuffle(1_000)
+        paths = in_graph.endless_permutations((self.paths[shard[1]::shard[0]],), seed)
+        return paths if self.kind == "files" else in_graph.numbered_records(paths)
 
     def _decoded_in_tf(self, records: tf.data.Dataset) -> tf.data.Dataset:
         """Images of `_records_in_tf`, skipping bad ones, in TF ops only."""

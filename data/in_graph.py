@@ -5,8 +5,9 @@ traced. A `tf.numpy_function` in it would call back into the coordinator's Pytho
 would then decode every worker's images. So the sources offer a pure-TF pipeline too
 (`dataset(..., pure_tf=True)`), built from these pieces.
 
-Order: each epoch is a new permutation drawn by `tf.random.experimental.index_shuffle` from
-a seed that may be a tensor (a worker's own), which `Dataset.shuffle` cannot take in a graph.
+Order: each epoch is a new permutation of all inputs, drawn by
+`tf.random.experimental.index_shuffle` from the epoch number and a seed that may be a tensor
+(each worker draws its own): a full shuffle of any number of inputs with no buffer.
 
 Bad inputs are still skipped, not fatal: `attempt` turns each input into a one-element
 dataset whose errors are dropped (`ignore_errors`) and falls back to a marked failure, so a
@@ -42,17 +43,31 @@ def calls_python(dataset: tf.data.Dataset) -> bool:
 
 
 def endless_permutations(values: tuple[list, ...], seed: int | tf.Tensor) -> tf.data.Dataset:
-    """Endless tuples of `values`' items (equal-length lists), every epoch in a new order
-    drawn from `seed` and the epoch number."""
+    """Endless tuples of `values`' items (equal-length lists; one list gives its items
+    alone), every epoch in a new order drawn from `seed` and the epoch number."""
     count = len(values[0])
     columns = tuple(tf.constant(column) for column in values)
     seed = tf.cast(seed, tf.int64)
 
     def epoch(number: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.index_shuffle(tf.range(count, dtype=tf.int64), tf.stack([seed, number]), count - 1)
-        return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(column, order) for column in columns))
+        shuffled = tuple(tf.gather(column, order) for column in columns)
+        return tf.data.Dataset.from_tensor_slices(shuffled if len(shuffled) > 1 else shuffled[0])
 
     return tf.data.Dataset.counter().flat_map(epoch)
+
+
+def numbered_records(files: tf.data.Dataset) -> tf.data.Dataset:
+    """('file (record index)', record) of a dataset of TFRecord paths: records of 4
+    neighbouring files interleaved, then mixed in a 1,000-record buffer (seeded from the
+    global seed, so alike on every worker; the file order is what differs)."""
+
+    def numbered(path: tf.Tensor) -> tf.data.Dataset:
+        # A truncated or corrupt file ends here; TF logs that it dropped the error.
+        records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True).enumerate()
+        return records.map(lambda i, record: (path + " (record " + tf.strings.as_string(i) + ")", record))
+
+    return files.interleave(numbered, cycle_length=4, block_length=1).shuffle(1_000)
 
 
 def attempt(fn: Callable[..., tuple], fallback: Callable[..., tuple]) -> Callable[..., tf.data.Dataset]:

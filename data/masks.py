@@ -194,22 +194,12 @@ class MaskSource:
         return pairs.filter(lambda pair: tf.size(pair) > 0).map(_split_pair)
 
     def _records_in_tf(self, items: list, seed: int | tf.Tensor) -> tf.data.Dataset:
-        """Endless shuffled (key, frame, mask): the frame's path with both paths ('files'),
-        or 'file (record index)' with the encoded frame and mask of TFRecords; TF ops only."""
+        """Endless shuffled (key, frame path, mask path) with the frame's path as key
+        ('files'), or ('file (record index)', record) of TFRecords; TF ops only."""
         if self.kind == "files":
             frames, masks = (list(column) for column in zip(*items))
             return in_graph.endless_permutations((frames, frames, masks), seed)
-        feature = {key: tf.io.FixedLenFeature([], tf.string) for key in (TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY)}
-
-        def parsed(path: tf.Tensor) -> tf.data.Dataset:
-            # A truncated file ends here and a record missing a key is dropped; TF logs both.
-            records = tf.data.TFRecordDataset(path).map(lambda record: tf.io.parse_single_example(record, feature))
-            return records.ignore_errors(log_warning=True).enumerate().map(
-                lambda i, example: (path + " (record " + tf.strings.as_string(i) + ")",
-                                    example[TFRECORD_FRAME_KEY], example[TFRECORD_MASK_KEY]))
-
-        files = in_graph.endless_permutations((list(items),), seed).map(lambda path: path)
-        return files.interleave(parsed, cycle_length=4, block_length=1).shuffle(1_000)
+        return in_graph.numbered_records(in_graph.endless_permutations((list(items),), seed))
 
     def _decoded_in_tf(self, records: tf.data.Dataset) -> tf.data.Dataset:
         """(key, uint8 [H, W, 4] frame + mask, reason) of `_records_in_tf`, in TF ops only."""
@@ -221,7 +211,15 @@ class MaskSource:
                                           tf.constant(f"it or its mask {in_graph.UNREADABLE}")),
             )
         else:
-            records = records.map(lambda key, frame, mask: (key, frame, mask, tf.constant("")))
+            feature = {key: tf.io.FixedLenFeature([], tf.string) for key in (TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY)}
+
+            def parsed(key: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, ...]:
+                example = tf.io.parse_single_example(record, feature)
+                return key, example[TFRECORD_FRAME_KEY], example[TFRECORD_MASK_KEY], tf.constant("")
+
+            records = in_graph.interleave_attempts(records, parsed, lambda key, record: (
+                key, tf.constant(""), tf.constant(""),
+                tf.constant(f"not a tf.train.Example with '{TFRECORD_FRAME_KEY}' and '{TFRECORD_MASK_KEY}' features")))
         min_side = self.min_side
         return in_graph.interleave_attempts(
             records,

@@ -14,13 +14,17 @@ for a localhost cluster and the strategy added:
 - with --ps K, an asynchronous parameter-server job (`--strategy parameter_server`): a
   chief (the coordinator, which trains and writes), N workers and K parameter servers,
   which serve until the launcher stops them when the chief is done. The chief's exit code
-  is the job's; a worker or parameter server that dies first fails the job.
+  is the job's. A worker killed by a signal is started again (up to 3 times each; the
+  chief runs its steps on the others meanwhile); a parameter server that dies, or a
+  worker that fails, fails the job.
 
 The chief's output is shown; the others log to TRAIN_DIR/<job>-K.log; every pid is printed
 at start. On real hosts, set TF_CONFIG per host the same way (see launch/README.md).
 """
 
 import argparse
+import collections
+import functools
 import json
 import os
 import signal
@@ -28,10 +32,13 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 
 
 # Exit codes of a worker that stopped on a signal after the job saved (see mtss_train.__main__).
 STOPPED = {128 + s: s for s in (signal.SIGTERM, signal.SIGINT)}
+# Times a parameter-server job's worker is started again after it died.
+WORKER_RESTARTS = 3
 # The others follow a stopped worker within a checkpoint write; one that stopped alone (e.g.
 # Ctrl-C while starting, before the workers agree on signals) must not leave them waiting.
 STOP_GRACE_SECONDS = 300
@@ -47,9 +54,8 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def tf_config(cluster: dict[str, list[str]] | list[str], index: int, job: str = "worker") -> str:
-    """TF_CONFIG of task `index` of `job`; `cluster`: {job: addresses}, or the workers' addresses."""
-    cluster = cluster if isinstance(cluster, dict) else {"worker": cluster}
+def tf_config(cluster: dict[str, list[str]], index: int, job: str = "worker") -> str:
+    """TF_CONFIG of task `index` of `job` in `cluster` ({job: addresses})."""
     return json.dumps({"cluster": cluster, "task": {"type": job, "index": index}})
 
 
@@ -84,17 +90,22 @@ def main() -> int:
     log_dir = train_dir_of(train_args)
     os.makedirs(log_dir, exist_ok=True)
     processes: dict[str, subprocess.Popen] = {}  # "job index" -> process; the chief first.
+
+    def start(job: str, index: int) -> subprocess.Popen:
+        name = f"{job} {index}"
+        shown = job == next(iter(cluster)) and index == 0  # The chief (chief 0, or worker 0 without --ps).
+        env = {**os.environ, "TF_CONFIG": tf_config(cluster, index, job)}
+        command = [sys.executable, "-m", "mtss_train", "--strategy", strategy, *train_args]
+        output = None if shown else open(os.path.join(log_dir, f"{job}-{index}.log"), "a")
+        processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=output)
+        log = "its output follows" if shown else f"log: {output.name}"
+        print(f"{name}: pid {processes[name].pid} ({log})", file=sys.stderr, flush=True)
+        return processes[name]
+
     for job, addresses in cluster.items():
         for index in range(len(addresses)):
-            name = f"{job} {index}"
-            shown = not processes  # The chief (chief 0, or worker 0 without --ps).
-            env = {**os.environ, "TF_CONFIG": tf_config(cluster, index, job)}
-            command = [sys.executable, "-m", "mtss_train", "--strategy", strategy, *train_args]
-            output = None if shown else open(os.path.join(log_dir, f"{job}-{index}.log"), "w")
-            processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=output)
-            log = "its output follows" if shown else f"log: {output.name}"
-            print(f"{name}: pid {processes[name].pid} ({log})", file=sys.stderr, flush=True)
-    supervise = supervise_coordinator if args.ps else supervise_workers
+            start(job, index)
+    supervise = functools.partial(supervise_coordinator, restart=start) if args.ps else supervise_workers
     chief = next(iter(processes.values()))
     try:
         return supervise(processes, log_dir)
@@ -117,23 +128,37 @@ def main() -> int:
             process.wait()
 
 
-def supervise_coordinator(processes: dict[str, subprocess.Popen], log_dir: str) -> int:
-    """Waits for the chief of a parameter-server job; returns its exit code, or a failed
-    server's if one dies first."""
-    chief, *servers = processes.items()
+def supervise_coordinator(processes: dict[str, subprocess.Popen], log_dir: str,
+                          restart: Callable[[str, int], subprocess.Popen]) -> int:
+    """Waits for the chief of a parameter-server job; returns its exit code, or that of a
+    parameter server or worker that ends first. A worker killed by a signal (an OOM kill, a
+    preemption) is started again (`restart`, WORKER_RESTARTS times each), as a cluster
+    scheduler would: the chief runs its steps on the other workers meanwhile and takes it
+    back when it is up."""
+    restarts: collections.Counter = collections.Counter()
+    chief = next(iter(processes.values()))
     while True:
-        code = chief[1].poll()
+        code = chief.poll()
         if code is not None:
             if code in STOPPED:
                 print(f"stopped by {STOPPED[code].name}; the same command resumes from the last checkpoint in "
                       f"{log_dir}", file=sys.stderr)
             return code
-        for name, server in servers:
-            if server.poll() is not None:
-                print(f"error: {name} exited with {server.returncode} while the chief trains; stopping the job "
-                      f"(logs: {log_dir}/<job>-K.log); the same command resumes from the last checkpoint",
-                      file=sys.stderr)
-                return server.returncode or 1
+        for name, server in list(processes.items())[1:]:
+            if server.poll() is None:
+                continue
+            job, index = name.split()
+            if job == "worker" and server.returncode < 0 and restarts[name] < WORKER_RESTARTS:
+                restarts[name] += 1
+                print(f"{name} exited with {server.returncode}; starting it again ({restarts[name]} of "
+                      f"{WORKER_RESTARTS}); the chief runs its steps on the other workers meanwhile", file=sys.stderr,
+                      flush=True)
+                restart(job, int(index))
+                continue
+            print(f"error: {name} exited with {server.returncode} while the chief trains; stopping the job "
+                  f"(logs: {log_dir}/<job>-K.log); the same command resumes from the last checkpoint",
+                  file=sys.stderr)
+            return server.returncode or 1
         time.sleep(0.5)
 
 

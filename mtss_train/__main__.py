@@ -30,7 +30,8 @@ from absl import app, flags  # noqa: E402
 
 from mtss_train import trunk  # noqa: E402
 from mtss_train.compat import tf  # noqa: E402
-from mtss_train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig  # noqa: E402
+from mtss_train.config import (LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig,  # noqa: E402
+                               build_tasks)
 from mtss_train.configs import expand_config  # noqa: E402
 from mtss_train.distribution import serve_if_server  # noqa: E402
 from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, cli_main, ctrl_c_wins, raise_keyboard_interrupt  # noqa: E402
@@ -157,10 +158,14 @@ def main(argv: list[str]) -> None:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
     try:
-        if serve_if_server(_STRATEGY.value, _CHIEF_GONE_SECONDS.value):  # A parameter-server job's worker or ps.
-            return
         with ctrl_c_wins():
-            trainer = Trainer(config_from_flags())
+            config = config_from_flags()
+            if _STRATEGY.value == "parameter_server":  # Its workers and ps fail on bad flags as the chief does.
+                config.validate()
+                build_tasks(config)
+            if serve_if_server(_STRATEGY.value, _CHIEF_GONE_SECONDS.value):  # A parameter-server job's worker or ps.
+                return
+            trainer = Trainer(config)
             checkpoint = trainer.train()
     except MtssError as e:
         _leave(f"error: {e}", 2)

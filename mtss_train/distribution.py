@@ -16,6 +16,8 @@ from mtss_train.errors import MtssError
 # The jobs of a parameter-server cluster: the coordinator runs the trainer, the others serve.
 PS_JOBS = ("chief", "worker", "ps")
 PS_LAUNCH_HINT = "launch/local_workers.py --ps 1 sets one up on this machine; see launch/README.md"
+# How long a worker or parameter server waits for its chief to answer the first time.
+CHIEF_START_SECONDS = 600
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -52,6 +54,9 @@ def parameter_server_cluster() -> tf.distribute.cluster_resolver.ClusterResolver
         raise MtssError(f"--strategy parameter_server needs TF_CONFIG with a cluster of {', '.join(PS_JOBS)} jobs; "
                         f"{'TF_CONFIG is not set' if not config else 'it has no ' + ', '.join(missing)} "
                         f"({PS_LAUNCH_HINT})")
+    task = config.get("task", {})
+    if task.get("type") not in PS_JOBS:  # Anything else would start a second coordinator.
+        raise MtssError(f"TF_CONFIG's task must be one of the jobs {', '.join(PS_JOBS)}, got {task or 'none'}")
     return tf.distribute.cluster_resolver.TFConfigClusterResolver()
 
 
@@ -59,18 +64,29 @@ def serve_if_server(strategy_name: str, chief_gone_seconds: float) -> bool:
     """In a parameter-server job, a 'worker' or 'ps' process serves the coordinator's
     requests and returns True once the chief, after it was up, has not answered for
     `chief_gone_seconds` (TF servers never stop by themselves, and Slurm or a Kubernetes
-    Job waits for every process); returns False at once in every other process (it trains)."""
+    Job waits for every process); returns False at once in every other process (it trains).
+
+    SIGINT and SIGTERM are ignored: Ctrl-C in a terminal, or a scheduler stopping the job,
+    reaches every process, and the chief saves through its servers before it exits.
+
+    Raises:
+      MtssError: if the chief never answered within CHIEF_START_SECONDS.
+    """
     if strategy_name != "parameter_server":
         return False
     resolver = parameter_server_cluster()
     if resolver.task_type not in ("worker", "ps"):
         return False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type, task_index=resolver.task_id,
                                   protocol=resolver.rpc_layer or "grpc", start=True)
     chief = resolver.cluster_spec().task_address("chief", 0)
     logging.info("%s %d of the parameter-server job serving at %s until the chief at %s is gone",
                  resolver.task_type, resolver.task_id, server.target, chief)
-    _wait_until_gone(chief, chief_gone_seconds)
+    if not _wait_until_gone(chief, chief_gone_seconds, CHIEF_START_SECONDS):
+        raise MtssError(f"the chief at {chief} did not answer within {CHIEF_START_SECONDS} s of this "
+                        f"{resolver.task_type}'s start; see the chief's log")
     logging.info("the chief at %s has not answered for %g s: leaving", chief, chief_gone_seconds)
     return True
 
@@ -84,16 +100,20 @@ def _answers(address: str) -> bool:
         return False
 
 
-def _wait_until_gone(address: str, gone_seconds: float, poll_seconds: float = 2.0) -> None:
-    """Returns once `address`, after it first answered, has not answered for `gone_seconds`."""
-    last_answer = None
-    while last_answer is None or time.monotonic() - last_answer < gone_seconds:
+def _wait_until_gone(address: str, gone_seconds: float, start_seconds: float, poll_seconds: float = 2.0) -> bool:
+    """Returns True once `address`, after it first answered, has not answered for
+    `gone_seconds`; False if it did not answer within `start_seconds`."""
+    last_answer = time.monotonic()
+    answered = False
+    while time.monotonic() - last_answer < (gone_seconds if answered else start_seconds):
         if _answers(address):
-            last_answer = time.monotonic()
+            answered, last_answer = True, time.monotonic()
         time.sleep(poll_seconds)
+    return answered
 
 
 def is_parameter_server(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process coordinates an asynchronous parameter-server job."""
     return isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 

@@ -94,9 +94,6 @@ def offers_pure_tf(source: Source) -> bool:
     return "pure_tf" in inspect.signature(source.dataset).parameters
 
 
-def _pure_tf_dataset(source: Source, seed: int | tf.Tensor) -> tf.data.Dataset:
-    """The source's TF-ops-only dataset, where it offers one."""
-    return source.dataset(seed, pure_tf=True) if offers_pure_tf(source) else source.dataset(seed)
 
 
 def per_worker_iterators(runner: RemoteStepRunner, tasks: Sequence[Task], sources: dict[str, Source],
@@ -106,18 +103,21 @@ def per_worker_iterators(runner: RemoteStepRunner, tasks: Sequence[Task], source
     iterators = {}
     for i, task in enumerate(tasks):
         source, task_seed = sources[task.name], seed + 1009 * i
-        if calls_python(task.make_dataset(_pure_tf_dataset(source, task_seed), task.config.batch_size, task_seed)):
+        pure_tf = {"pure_tf": True} if offers_pure_tf(source) else {}
+        if calls_python(task.make_dataset(source.dataset(task_seed, **pure_tf), task.config.batch_size, task_seed)):
             logging.warning(
                 "the input pipeline of task %s calls Python (tf.numpy_function or tf.py_function, in its make_dataset "
                 "or in the dataset() of its source %s): under --strategy parameter_server that Python runs in the "
                 "coordinator, which then prepares every worker's batches", task.name, type(source).__name__)
 
         def dataset_fn(context: tf.distribute.InputContext, task: Task = task, source: Source = source,
-                       task_seed: int = task_seed) -> tf.data.Dataset:
-            # Every worker runs this one traced function; its clock sets its own order.
+                       task_seed: int = task_seed, pure_tf: dict = pure_tf) -> tf.data.Dataset:
+            # Every worker runs this one traced function: its clock gives it its own order and
+            # augmentation. A source without pure_tf gets the int it was promised.
             worker_seed = task_seed + tf.cast(tf.timestamp() * 1e6, tf.int64) % 2**31
             batch = context.get_per_replica_batch_size(task.config.batch_size)
-            return task.make_dataset(_pure_tf_dataset(source, worker_seed), batch, task_seed)
+            return task.make_dataset(source.dataset(worker_seed if pure_tf else task_seed, **pure_tf), batch,
+                                     worker_seed)
 
         iterators[task.name] = runner.per_worker_iterator(dataset_fn)
     return iterators

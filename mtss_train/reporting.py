@@ -89,14 +89,18 @@ class Reporter:
             self._rate_start = (step - 1, time.perf_counter() - seconds)
         self._pending.append((step, task_name, results, seconds))
 
-    def flush(self, last_checkpoint: str | None) -> None:
-        """Fetches queued results into the meters.
+    def flush(self, last_checkpoint: str | None, keep: int = 0) -> None:
+        """Fetches queued results into the meters, but those of the newest `keep` steps
+        (steps that may still run remotely: fetching them would wait for them).
 
         Raises:
           TrainingError: at the first non-finite value, naming its task and step and the
             last good checkpoint (nothing is saved after it).
         """
-        for step, name, results, seconds in self._pending:
+        newest = self._pending[-1][0] if self._pending else 0
+        ready = [entry for entry in self._pending if entry[0] <= newest - keep]
+        self._pending = self._pending[len(ready):]
+        for step, name, results, seconds in ready:
             values = self.fetch(results)
             if not all(math.isfinite(x) for pair in values.values() for x in pair):
                 raise TrainingError(
@@ -105,7 +109,6 @@ class Reporter:
                 )
             for meters in (self.console, self.tensorboard):
                 meters[name].add(values, self.batch_sizes[name], seconds)
-        self._pending.clear()
 
     @staticmethod
     def _means(values: dict[str, tuple[float, float]]) -> dict[str, float]:

@@ -5,15 +5,17 @@ A step returns its results as device tensors: every metric (the loss included) a
 steps and replicas are exact, also for weighted metrics whose weights may be all zero in a
 batch. Nothing here reads a value on the host: the caller fetches results when it reports,
 so a runner whose steps run remotely (ParameterServerStrategy's RemoteValues) fits the
-same loop by overriding `run` and `fetch`.
+same loop by overriding `run`, `fetch` and `wait` (`RemoteStepRunner`).
 """
 
 import collections
-from typing import Callable, NamedTuple, Sequence
+import contextlib
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from mtss_train.compat import tf, tf_keras
 from mtss_train.distribution import parameter_server_cluster
 from mtss_train.errors import MtssError
+from mtss_train.failures import explained, op_message
 from mtss_train.model import MultiTaskModel
 from mtss_train.task import Batch, Metric
 
@@ -123,8 +125,13 @@ class StepRunner:
         compiled = self._get("pictures", task_name, lambda: tf.function(pictures_of))
         return compiled(self.strategy.experimental_local_results(batch)[0])
 
+    @property
+    def lag(self) -> int:
+        """Steps that may still be running after `run` returns (none: steps here run in order)."""
+        return 0
+
     def wait(self) -> None:
-        """Returns when every step run so far has been applied (steps here run in order)."""
+        """Returns when every step run so far has been applied (at once: they have)."""
 
     @staticmethod
     def fetch(results: Results) -> dict[str, tuple[float, float]]:
@@ -147,6 +154,10 @@ class RemoteStepRunner(StepRunner):
     asynchronously. At most `in_flight_per_worker` steps per worker are queued: the
     coordinator then waits for the oldest, so progress, ETA and saves follow the steps
     that ran, not the ones scheduled. Evaluation and pictures run on the coordinator.
+
+    A step's error surfaces at a later call (the next `run`, `fetch` or `wait`): it is
+    reported naming the tasks of every step then in flight. Results of a step whose worker
+    died after it finished are lost (the update was applied): `fetch` returns none.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: MultiTaskModel,
@@ -154,11 +165,19 @@ class RemoteStepRunner(StepRunner):
                  in_flight_per_worker: int = 2):
         super().__init__(strategy, model, optimizer, trainable_scopes)
         self.coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
+        # The strategy keeps no cluster resolver to ask (its `cluster_resolver` is None).
         workers = parameter_server_cluster().cluster_spec().num_tasks("worker")
-        self._in_flight: collections.deque = collections.deque(maxlen=in_flight_per_worker * workers)
+        self._in_flight: collections.deque[tuple[object, tuple[str, ...]]] = collections.deque(
+            maxlen=in_flight_per_worker * workers)
 
-    def per_worker_iterator(self, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):
-        """An iterator over `dataset_fn`'s dataset made on each worker, for `run`."""
+    @property
+    def lag(self) -> int:
+        """Steps that may still be running after `run` returns."""
+        return self._in_flight.maxlen
+
+    def per_worker_iterator(self, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]
+                            ) -> tf.distribute.experimental.coordinator.PerWorkerValues:
+        """Iterators over `dataset_fn`'s dataset, made and read on each worker, for `run`."""
         return iter(self.coordinator.create_per_worker_dataset(
             lambda: self.strategy.distribute_datasets_from_function(dataset_fn)))
 
@@ -166,14 +185,27 @@ class RemoteStepRunner(StepRunner):
         step = self.train_step(task_names)
         return tf.function(lambda iterators: step({name: next(iterators[name]) for name in task_names}))
 
+    @contextlib.contextmanager
+    def _reported(self) -> Iterator[None]:
+        """Out-of-memory and invalid-argument errors name the tasks of the steps in flight;
+        a lost parameter server is one MtssError."""
+        names = sorted({name for _, task_names in self._in_flight for name in task_names}) or sorted(self.model.tasks)
+        with explained([self.model.tasks[name] for name in names], "in a step on a parameter-server worker"):
+            try:
+                yield
+            except tf.errors.UnavailableError as e:
+                raise MtssError(f"lost the connection to a parameter server ({op_message(e)}); the variables live "
+                                "there, so training stops: the same command resumes from the last checkpoint") from None
+
     def run(self, task_names: Sequence[str], iterators: dict[str, object]) -> dict[str, RemoteResults]:
         """Schedules one training step of `task_names`; `iterators`: per-worker iterators."""
         names = tuple(task_names)
         function = self._get("scheduled", names, lambda: self._scheduled(names))
-        if len(self._in_flight) == self._in_flight.maxlen:
-            self._in_flight[0].fetch()  # Waits for the oldest step (a few scalars).
-        remote = self.coordinator.schedule(function, args=({name: iterators[name] for name in names},))
-        self._in_flight.append(remote)
+        with self._reported():
+            if len(self._in_flight) == self._in_flight.maxlen:
+                self._results(self._in_flight[0][0])  # Waits for the oldest step.
+            remote = self.coordinator.schedule(function, args=({name: iterators[name] for name in names},))
+        self._in_flight.append((remote, names))
         return {name: RemoteResults(remote, name) for name in names}
 
     def eval_step(self, task_name: str) -> Callable[[Batch], Results]:
@@ -182,12 +214,22 @@ class RemoteStepRunner(StepRunner):
             lambda batch: self._replica_results(task_name, batch, training=False)[1]))
 
     def wait(self) -> None:
-        """Returns when every scheduled step has run (raises the first step's error)."""
-        self.coordinator.join()
+        """Returns when every scheduled step has run."""
+        with self._reported():
+            self.coordinator.join()
         self._in_flight.clear()
 
-    @staticmethod
-    def fetch(results: Results | RemoteResults) -> dict[str, tuple[float, float]]:
-        if isinstance(results, RemoteResults):
-            results = results.remote.fetch()[results.task_name]
-        return StepRunner.fetch(results)
+    def _results(self, remote: tf.distribute.experimental.coordinator.RemoteValue) -> dict | None:
+        """A finished step's values, None if they were lost with the worker that held them."""
+        try:
+            return remote.fetch()
+        except tf.errors.UnavailableError:
+            return None
+
+    def fetch(self, results: Results | RemoteResults) -> dict[str, tuple[float, float]]:
+        """Host floats of a task's results ({} if lost with their worker)."""
+        if not isinstance(results, RemoteResults):
+            return StepRunner.fetch(results)
+        with self._reported():
+            values = self._results(results.remote)
+        return {} if values is None else StepRunner.fetch(values[results.task_name])

@@ -113,7 +113,9 @@ class Task(abc.ABC):
           source: the task's Source dataset, this input pipeline's shard: endless and
             shuffled (for "images": decoded RGB uint8 images [H, W, 3] of varying size).
           batch_size: examples per batch (per replica).
-          seed: for the task's random choices.
+          seed: for the task's random choices: an int, or under --strategy
+            parameter_server a scalar int64 tensor each worker draws for itself (so use it
+            through TF ops, e.g. stateless random ops, not as a Python int).
 
         Returns:
           A dataset of Batch dicts with static batch size.

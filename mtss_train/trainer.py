@@ -278,8 +278,8 @@ class Trainer:
                 due = {kind: step % every == 0 or last for kind, every in (
                     ("log", config.log_every_steps), ("summary", config.summary_every_steps),
                     ("save", config.save_every_steps))}
-                if any(due.values()):
-                    reporter.flush(last_saved)
+                if any(due.values()):  # A checkpoint waits for every step; a log need not.
+                    reporter.flush(last_saved, keep=0 if due["save"] else self.runner.lag)
                 if due["log"]:
                     reporter.log_progress(step, inputs.skipped_inputs(self.sources))
                 if due["summary"]:
@@ -289,6 +289,7 @@ class Trainer:
                     if self.eval_sources and not stop.requested:
                         reporter.write_evaluation(step, self.evaluate(self.eval_sources, config.eval_batches),
                                                   ", ".join(sorted({s.path for s in self.eval_sources.values()})))
+                ended = time.perf_counter()  # Reporting is no step's time.
             # The signal came after this step's checks; never so in a multi-worker job, whose
             # workers all stop on a check step, which saves.
             if stop.requested and step != saved_step:

@@ -198,7 +198,7 @@ class Colorization(Task):
     def _examples(self, images: tf.data.Dataset, seed: int) -> tf.data.Dataset:
         numbered = tf.data.Dataset.zip(images, tf.data.Dataset.counter())
         return numbered.map(
-            lambda image, i: self.make_example(image, tf.stack([tf.constant(seed, tf.int64), i])),
+            lambda image, i: self.make_example(image, tf.stack([tf.cast(seed, tf.int64), i])),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
 

@@ -118,7 +118,7 @@ class Exemplar(Task):
         numbered = tf.data.Dataset.zip(source, tf.data.Dataset.counter())
         examples = numbered.map(
             lambda image, i: {
-                "views": augmentation.views(image, tf.stack([tf.constant(seed, tf.int64), i]), views)
+                "views": augmentation.views(image, tf.stack([tf.cast(seed, tf.int64), i]), views)
             },
             num_parallel_calls=tf.data.AUTOTUNE,
         )

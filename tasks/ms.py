@@ -66,7 +66,7 @@ class MotionSegmentation(Task):
     def make_dataset(self, source: tf.data.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
         numbered = tf.data.Dataset.zip(source, tf.data.Dataset.counter())
         examples = numbered.map(
-            lambda pair, i: self.make_example(pair["frame"], pair["mask"], tf.stack([tf.constant(seed, tf.int64), i])),
+            lambda pair, i: self.make_example(pair["frame"], pair["mask"], tf.stack([tf.cast(seed, tf.int64), i])),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         return examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

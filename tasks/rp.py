@@ -63,7 +63,7 @@ class RelativePosition(Task):
     def make_dataset(self, images: tf.data.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
         numbered = tf.data.Dataset.zip(images, tf.data.Dataset.counter())
         pairs = numbered.map(
-            lambda image, i: self.make_pair(image, tf.stack([tf.constant(seed, tf.int64), i])),
+            lambda image, i: self.make_pair(image, tf.stack([tf.cast(seed, tf.int64), i])),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         return pairs.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -132,7 +132,7 @@ def test_the_workers_vote_on_the_signals_each_received():
     """Each worker learns how many workers received each signal, whichever it received itself."""
     addresses = [f"localhost:{port}" for port in local_workers.free_ports(2)]
     workers = [subprocess.Popen([sys.executable, "-c", VOTES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=cli_env(TF_CONFIG=local_workers.tf_config(addresses, index)))
+                                text=True, env=cli_env(TF_CONFIG=local_workers.tf_config({"worker": addresses}, index)))
                for index in range(2)]
     try:
         outputs = [worker.communicate(timeout=300) for worker in workers]

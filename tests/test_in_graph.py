@@ -2,19 +2,22 @@
 build themselves: the same images and pairs as the Python pipelines, bad inputs skipped and
 named, no Python in the graph, every epoch a new order from a seed that may be a tensor."""
 
+import io
 import os
 
 import cv2
 import numpy as np
 import pytest
 import skimage.data
+from PIL import Image
 
 from mtss_train.compat import tf
 from mtss_train.data import in_graph
 from mtss_train.data.images import ReadOptions, image_source
 from mtss_train.data.masks import mask_source
 from test_images import png, png_claiming, write_photo, write_records
-from test_ms import identify, numbered_pair, write_extracted
+from mtss_train.data.masks import TFRECORD_FRAME_KEY
+from test_ms import identify, numbered_pair, write_extracted, write_pair_records
 
 
 def skipped_lines(stderr: str) -> dict[str, str]:
@@ -84,13 +87,41 @@ def test_mask_pairs_decode_as_in_python_and_bad_pairs_are_skipped(tmp_path, capf
                        os.path.join(root, "frames", "a", "000002.jpg"): "its mask is not the frame's size"}
 
 
+def test_mask_tfrecords_name_the_records_they_skip_by_their_number(tmp_path, capfd):
+    path = tmp_path / "pairs.tfrecord"
+    write_pair_records(path, [1, 2])
+    good = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+    only_frame = tf.train.Example(features=tf.train.Features(feature={
+        TFRECORD_FRAME_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a frame"]))}))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in (good[0], only_frame.SerializeToString(), good[1]):
+            writer.write(record)
+    dataset = mask_source(str(path)).dataset(seed=0, pure_tf=True)
+    assert not in_graph.calls_python(dataset)
+    assert sorted(identify(example) for example in dataset.take(4)) == [1, 1, 2, 2]
+    skipped = capfd.readouterr().err
+    assert f"{path} (record 1)" in skipped and f"{path} (record 2)" not in skipped  # Numbered before the drop.
+
+
+def test_every_pipeline_ignores_exif_orientation(tmp_path):
+    data = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned 90 degrees.
+    Image.fromarray(skimage.data.chelsea()).save(data, "JPEG", exif=exif)
+    (tmp_path / "turned.jpg").write_bytes(data.getvalue())
+    source = image_source(str(tmp_path), 32)
+    from_opencv = next(iter(source.dataset(seed=0))).numpy()
+    from_tf = next(iter(source.dataset(seed=0, pure_tf=True))).numpy()
+    assert from_opencv.shape == from_tf.shape == (300, 451, 3)
+    assert np.abs(from_opencv.astype(int) - from_tf).mean() < 2  # Two JPEG decoders, nearly the same pixels.
+
+
 def test_every_epoch_is_a_new_permutation_of_a_seed_that_may_be_a_tensor():
     items = [f"item{i}".encode() for i in range(7)]
 
     @tf.function
     def first_epochs(seed: tf.Tensor) -> tf.Tensor:
-        order = in_graph.endless_permutations((items,), seed).map(lambda item: item)
-        return order.take(21).batch(21).get_single_element()
+        return in_graph.endless_permutations((items,), seed).take(21).batch(21).get_single_element()
 
     orders = [list(first_epochs(tf.constant(seed, tf.int64)).numpy()) for seed in (1, 1, 2)]
     assert orders[0] == orders[1] and orders[0] != orders[2]
