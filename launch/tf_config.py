@@ -54,14 +54,14 @@ def _need(env: Mapping[str, str], name: str) -> str:
 def cluster_config(hosts: list[str], index: int, port: int, parameter_servers: int = 0) -> dict:
     """TF_CONFIG of host `index`: every host a worker; or, with parameter servers, host 0
     the chief (the coordinator), the next `parameter_servers` hosts the ps, the rest workers."""
+    if parameter_servers and len(hosts) < parameter_servers + 2:
+        raise LaunchError(f"{len(hosts)} hosts cannot hold a chief, {parameter_servers} parameter server(s) "
+                          "and at least one worker")
     if not 0 <= index < len(hosts):
         raise LaunchError(f"index {index} is outside the {len(hosts)} hosts {hosts}")
     addresses = [f"{host}:{port}" for host in hosts]
     if not parameter_servers:
         return {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-    if len(hosts) < parameter_servers + 2:
-        raise LaunchError(f"{len(hosts)} hosts cannot hold a chief, {parameter_servers} parameter server(s) "
-                          "and at least one worker")
     cluster = {"chief": addresses[:1], "ps": addresses[1:parameter_servers + 1],
                "worker": addresses[parameter_servers + 1:]}
     job, first = ("chief", 0) if index == 0 else ("ps", 1) if index <= parameter_servers else (
