@@ -41,7 +41,7 @@ def head_weights(prefix: str, scope: str) -> dict[str, np.ndarray]:
     return checkpoints.read_tensors(prefix, names)
 
 
-def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_and_resumes(tmp_path, photos):
+def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_that_one_process_resumes(tmp_path, photos):
     train_dir = tmp_path / "run"
     run = launch("--workers", "2", "--ps", "1", "--", *TASK_FLAGS, "--data", str(photos), "--train_dir",
                  str(train_dir), "--max_steps", "6", "--save_every_steps", "3")
@@ -61,8 +61,9 @@ def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_an
     features = loader.load_feature_extractor(last, size="tiny")(np.zeros([1, 64, 64, 3], np.uint8))
     assert features.shape[-1] > 0 and np.all(np.isfinite(features))
 
-    again = launch("--workers", "2", "--ps", "1", "--", *TASK_FLAGS, "--data", str(photos), "--train_dir",
-                   str(train_dir), "--max_steps", "8", "--save_every_steps", "3")
+    # The checkpoint is the same as any strategy's: one process resumes it (the stop tests resume under PS).
+    again = run_cli("mtss_train", *TASK_FLAGS, "--data", str(photos), "--train_dir", str(train_dir),
+                    "--max_steps", "8", "--save_every_steps", "3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training rp, ex from step 6 to 8" in again.stderr
     assert int(checkpoints.read_tensors(checkpoints.latest(str(train_dir)), ["global_step"])["global_step"]) == 8
