@@ -2,10 +2,14 @@
 
 Reading and decoding use OpenCV inside `tf.numpy_function` (it releases the GIL, so
 parallel map scales) because a corrupt or vanished file must be skipped and counted, not
-abort the pipeline, which TF's read/decode ops can only do by dropping errors silently.
-Every skipped input is counted once and named once in the log with the reason (unreadable,
+abort the pipeline, and a count kept in Python is one the progress line can show. Every
+skipped input is counted once and named once in the log with the reason (unreadable,
 truncated, too small, too many pixels, ...). Headers are read before decoding, so an image
 over the pixel limit costs no memory and a truncated PNG never reaches libpng.
+
+`dataset(..., pure_tf=True)` builds the same images from TF ops only, for parameter-server
+workers, which cannot call back into this process (see `mtss_train.data.in_graph`): bad
+inputs are skipped and named there too, but counted only in the log of the worker.
 """
 
 import contextlib

@@ -12,6 +12,7 @@ A frame pairs with the mask of the same video id and frame name. TFRecords of
 As in `mtss_train.data.images`, decoding runs OpenCV inside `tf.numpy_function`, so a
 corrupt or vanished file is skipped and counted (once, by path) instead of ending the
 endless pipeline; a frame without its mask (or a mask without its frame) is counted too.
+`dataset(..., pure_tf=True)` decodes with TF ops only, for parameter-server workers.
 """
 
 import hashlib
