@@ -73,20 +73,22 @@ def distributed_dataset(strategy: tf.distribute.Strategy, task: Task, source: So
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+def task_seeds(tasks: Sequence[Task], seed: int) -> Iterator[tuple[Task, int]]:
+    """(task, its seed): each task's randomness has its own."""
+    return ((task, seed + 1009 * i) for i, task in enumerate(tasks))
+
+
 def iterators(strategy: tf.distribute.Strategy, tasks: Sequence[Task], sources: dict[str, Source],
               seed: int) -> dict[str, Iterator]:
-    """One endless batch iterator per task; each task's randomness has its own seed."""
-    return {
-        task.name: iter(distributed_dataset(strategy, task, sources[task.name], seed + 1009 * i))
-        for i, task in enumerate(tasks)
-    }
+    """One endless batch iterator per task."""
+    return {task.name: iter(distributed_dataset(strategy, task, sources[task.name], task_seed))
+            for task, task_seed in task_seeds(tasks, seed)}
 
 
 def local_iterators(tasks: Sequence[Task], sources: dict[str, Source], seed: int) -> dict[str, Iterator]:
     """One endless iterator of global batches per task, made in this process (no strategy)."""
-    return {task.name: iter(task.make_dataset(sources[task.name].dataset(seed + 1009 * i), task.config.batch_size,
-                                              seed + 1009 * i))
-            for i, task in enumerate(tasks)}
+    return {task.name: iter(task.make_dataset(sources[task.name].dataset(task_seed), task.config.batch_size, task_seed))
+            for task, task_seed in task_seeds(tasks, seed)}
 
 
 def offers_pure_tf(source: Source) -> bool:
@@ -101,8 +103,8 @@ def per_worker_iterators(runner: RemoteStepRunner, tasks: Sequence[Task], source
     """One iterator per task over datasets that each parameter-server worker builds and
     reads itself (with its sources' TF-only decoding), for `RemoteStepRunner.run`."""
     iterators = {}
-    for i, task in enumerate(tasks):
-        source, task_seed = sources[task.name], seed + 1009 * i
+    for task, task_seed in task_seeds(tasks, seed):
+        source = sources[task.name]
         pure_tf = {"pure_tf": True} if offers_pure_tf(source) else {}
         if calls_python(task.make_dataset(source.dataset(task_seed, **pure_tf), task.config.batch_size, task_seed)):
             logging.warning(
