@@ -1,6 +1,7 @@
 """TF-ops-only input pipelines (`dataset(..., pure_tf=True)`), which parameter-server workers
 build themselves: the same images and pairs as the Python pipelines, bad inputs skipped and
-named, no Python in the graph, every epoch a new order from a seed that may be a tensor."""
+named, no Python in the graph, every epoch a new order from a seed that may be a tensor, and
+every task's examples following such a seed."""
 
 import io
 import os
@@ -17,6 +18,7 @@ from mtss_train.data.images import ReadOptions, image_source
 from mtss_train.data.masks import mask_source
 from test_images import png, png_claiming, write_photo, write_records
 from mtss_train.data.masks import TFRECORD_FRAME_KEY
+from mtss_train.task import make_config, task_class
 from test_ms import identify, numbered_pair, write_extracted, write_pair_records
 
 
@@ -136,3 +138,23 @@ def test_the_source_order_follows_the_seed(tmp_path, seed):
     source = image_source(str(tmp_path), 32)
     shapes = lambda s: [image.shape for image in source.dataset(s, pure_tf=True).take(6)]  # noqa: E731
     assert shapes(seed) == shapes(seed) and shapes(seed) != shapes(tf.constant(seed + 10, tf.int64))
+
+
+@pytest.mark.parametrize("name", ["rp", "col", "ex", "ms"])
+def test_every_task_takes_a_tensor_seed_as_parameter_server_workers_give_it(name):
+    """Each worker draws its own seed tensor: the examples must follow it, from the same images."""
+    cls = task_class(name)
+    task = cls(make_config(cls, cls.smoke_settings))
+    source = task.open_source(None)
+
+    @tf.function  # As on a worker: the pipeline is traced with a symbolic seed.
+    def first_batch_of(seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = source.dataset(tf.constant(0, tf.int64), pure_tf=True)
+        return task.make_dataset(images, 2, seed).take(1).get_single_element()
+
+    def first_batch(seed: int) -> dict[str, np.ndarray]:
+        return {key: value.numpy() for key, value in first_batch_of(tf.constant(seed, tf.int64)).items()}
+
+    first, again, other = first_batch(1), first_batch(1), first_batch(2)
+    assert all(np.array_equal(first[key], again[key]) for key in first)
+    assert any(not np.array_equal(first[key], other[key]) for key in first)
