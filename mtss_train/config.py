@@ -39,8 +39,8 @@ class TrainConfig:
     trunk_size: str = "101"
     output_stride: int | None = None
     harmonize: bool = False  # Tasks with harmonize_to_grey (rp) see L only, as col does.
-    lasso: bool = False  # Each head reads an L1-regularised mix of block3's unit outputs.
-    lasso_l1: float = 1e-2  # Weight of the lasso's L1 penalty.
+    lasso: bool = False  # Each head reads a sparsity-penalised mix of block3's unit outputs.
+    lasso_l1: float = 0.3  # Weight of the lasso's sparsity penalty (mtss_train.lasso); ours, see README.
     optimizer: str = "rmsprop"
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
@@ -123,6 +123,8 @@ def build_tasks(config: TrainConfig) -> list[Task]:
     for spec in config.tasks:
         cls = task_class(spec)
         overrides = {**config.task_params.get(cls.name, {}), **config.task_params.get(spec, {})}
+        if config.harmonize and cls.harmonize_to_grey:
+            overrides = _harmonized(cls, overrides)
         task_config = make_config(cls, overrides)
         for field in dataclasses.fields(task_config):
             value = getattr(task_config, field.name)
@@ -136,6 +138,19 @@ def build_tasks(config: TrainConfig) -> list[Task]:
     if len(set(names)) != len(names):
         raise MtssError(f"two tasks share a name: {names}")
     return tasks
+
+
+def _harmonized(cls: type[Task], overrides: dict[str, str]) -> dict[str, str]:
+    """`overrides` plus the settings --harmonize makes for task `cls`.
+
+    Raises:
+      MtssError: if the user set one of them to something else.
+    """
+    for key, value in cls.harmonized_settings.items():
+        if key in overrides and overrides[key] != value:
+            raise MtssError(f"--harmonize sets {cls.name}.{key}={value} (the task sees L only); "
+                            f"drop --task_param {cls.name}.{key}={overrides[key]} or --harmonize")
+    return {**overrides, **cls.harmonized_settings}
 
 
 def resolved(config: TrainConfig, tasks: list[Task]) -> dict:

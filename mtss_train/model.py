@@ -92,7 +92,7 @@ class MultiTaskModel:
         return self.heads[task_name](block3, training=training, end_points=end_points, batch=batch)
 
     def regularization_loss(self, task_names: Sequence[str]) -> tf.Tensor:
-        """Weight decay (and lasso L1) of the trunk and the heads of `task_names`."""
+        """Weight decay (and lasso penalty) of the trunk and the heads of `task_names`."""
         layers = [self.trunk] + [self.heads[name] for name in task_names]
         losses = [tf.cast(loss, tf.float32) for layer in layers for loss in layer.losses]
         return tf.add_n(losses) if losses else tf.constant(0.0)

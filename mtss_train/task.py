@@ -78,6 +78,10 @@ class Task(abc.ABC):
     # Whether --harmonize turns this task's input grey (L only), as the paper does for
     # relative position so the trunk sees colorization's input distribution.
     harmonize_to_grey: ClassVar[bool] = False
+    # Config values --harmonize sets for such a task (e.g. turning off colour augmentation
+    # that grey input makes pointless); flags.json records them, and a user value that
+    # contradicts one is an error.
+    harmonized_settings: ClassVar[dict[str, str]] = {}
     # Config values for `--smoke` runs (a few CPU minutes), under what the user sets.
     smoke_settings: ClassVar[dict[str, str]] = {"batch_size": "8"}
 

@@ -334,6 +334,7 @@ class Trainer:
         alphas = self.model.lasso_alphas()
         if alphas:
             pictures["lasso"] = {"alpha_task_by_unit": lasso.alpha_picture([alphas[n] for n in self.schedule.names])}
+            scalars.update({f"lasso/{n}/top_quarter_share": lasso.top_quarter_share(a) for n, a in alphas.items()})
         reporter.write_summaries(step, scalars, pictures, {f"lasso/{n}": a for n, a in alphas.items()})
 
     def _skips_by_kind(self) -> dict[str, int]:

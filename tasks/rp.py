@@ -9,6 +9,15 @@ toward grey along a = [-1, 2, -1] (chromatic aberration), and random downsamplin
 about a third of the patches (down to ~100 pixels) and back up.
 
     python -m mtss_train --tasks rp --task_param rp.color=project
+
+The head follows deepcontext's shape (cdoersch/deepcontext, train.py): a per-patch layer, the
+two patches side by side, two wide layers, an 8-way classifier. There fc6 is 4096 wide per
+patch (fully connected over CaffeNet's conv5), fc7 and fc8 4096 over the concatenated pair,
+then fc9 with 8 outputs. Here the per-patch layer is a 1x1 conv to head_width / 2 channels
+at block3's grid and fc6/fc7 are head_width (512) wide, about 3M parameters for 96 px
+patches. At 4096 the head would hold about 170M (fc6 alone reads 2 x 3 x 3 x 2048 values),
+six times the trunk through block3 (27.5M), and dominate every rp step;
+`--task_param rp.head_width=4096` gives deepcontext's widths for fc6/fc7 all the same.
 """
 
 import dataclasses
@@ -30,6 +39,11 @@ COLOR_MODES = ("drop", "project", "none")
 class RelativePosition(Task):
     name = "rp"
     harmonize_to_grey = True  # As in the multi-task paper (section 3.3).
+    # Under --harmonize the trunk sees the patch's lightness L, as col sees its crops: the L
+    # of a colour patch. Colour dropping and projection hide colour cues, which grey input
+    # no longer has, and dropping would leave L as one channel's luminance share (a fifth
+    # of the contrast, measured on the sample photos).
+    harmonized_settings = {"color": "none"}
 
     @dataclasses.dataclass
     class Config(TaskConfig):

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from mtss_train import checkpoints, loader, trunk
+from mtss_train import checkpoints, colorspace, export, lasso, loader, trunk
 from mtss_train.configs import expand_config, shipped_configs
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.config import TrainConfig, build_tasks, resolved
+from mtss_train.errors import MtssError
 from mtss_train.trainer import Trainer
 from test_train import summary_tags
 
 TESTS = os.path.dirname(__file__)
 SMALL_RP = {"batch_size": "8", "patch_size": "32", "gap": "8", "jitter": "2", "head_width": "32"}
+LASSO_STEPS = 120
 
 
 def rp_config(train_dir, **settings) -> TrainConfig:
@@ -25,38 +27,86 @@ def rp_config(train_dir, **settings) -> TrainConfig:
     return TrainConfig(**{**defaults, **settings})
 
 
-def test_harmonization_shows_rp_grey_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
+def test_harmonization_shows_rp_the_lightness_of_colour_patches_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(TESTS)
     params = {"rp": SMALL_RP, "rotation": {"batch_size": "2"}}
+    contrast = {}
     for harmonize in (False, True):
         trainer = Trainer(rp_config(tmp_path, tasks=["rp", "plugin_rotation:Rotation"], task_params=params,
                                     harmonize=harmonize))
         batches = {name: next(it) for name, it in trainer.iterators(trainer.sources, seed=0).items()}
-        rp = trainer.model.trunk_input("rp", batches["rp"]) + trunk.VGG_MEAN_RGB
+        patches = trainer.model.tasks["rp"].trunk_images(batches["rp"])
+        seen = trainer.model.trunk_input("rp", batches["rp"]) + trunk.VGG_MEAN_RGB
         rotation = trainer.model.trunk_input("rotation", batches["rotation"]) + trunk.VGG_MEAN_RGB
-        rp_spread = float(tf.reduce_max(tf.math.reduce_std(rp, axis=-1)))
-        assert (rp_spread < 1e-3) == harmonize, rp_spread  # Grey: three equal channels.
         assert float(tf.reduce_max(tf.math.reduce_std(rotation, axis=-1))) > 1.0  # Not harmonized.
+        # Per-patch contrast of the lightness of what rp's pipeline made (same seed: same places).
+        contrast[harmonize] = np.median(tf.math.reduce_std(colorspace.grey_rgb(patches), axis=[1, 2, 3]))
+        if harmonize:
+            # The trunk sees L of rp's patches, and those patches kept their colour.
+            np.testing.assert_allclose(seen.numpy(), colorspace.grey_rgb(patches).numpy(), atol=1e-3)
+            assert np.median(tf.math.reduce_std(patches, axis=-1)) > 2.0
+            assert resolved(trainer.config, trainer.tasks)["task_configs"]["rp"]["color"] == "none"
+        else:
+            np.testing.assert_allclose(seen.numpy(), patches.numpy(), atol=1e-3)
+    # Greying a colour-dropped patch kept about a fifth of its contrast; L of the colour patch keeps it all.
+    assert contrast[True] > 3 * contrast[False], contrast
+
+
+def test_harmonization_refuses_rp_colour_dropping_the_user_asked_for(tmp_path):
+    config = rp_config(tmp_path, harmonize=True, task_params={"rp": {**SMALL_RP, "color": "drop"}})
+    with pytest.raises(MtssError, match=r"--harmonize sets rp.color=none .* drop --task_param rp.color=drop"):
+        build_tasks(config)
+    assert build_tasks(rp_config(tmp_path, harmonize=True))[0].config.color == "none"
+    assert build_tasks(rp_config(tmp_path))[0].config.color == "drop"
+
+
+def rp_loss(model, batch, training: bool) -> float:
+    task = model.tasks["rp"]
+    per_example, _ = task.loss(model("rp", batch, training=training), batch)
+    return float(tf.reduce_mean(per_example))
+
+
+def test_lasso_loss_feels_the_mix_direction_and_the_penalty_only_its_direction(tmp_path):
+    trainer = Trainer(rp_config(tmp_path, lasso=True))
+    batch = next(trainer.iterators(trainer.sources, seed=0)["rp"])
+    trainer.state.build({"rp": batch})
+    alpha = trainer.model.lasso_alphas()["rp"]
+    for training in (True, False):
+        losses = {}
+        for name, values in {"a": [0.1, 0.4, 0.2, 0.3], "2a": [0.2, 0.8, 0.4, 0.6],
+                             "reversed": [0.3, 0.2, 0.4, 0.1]}.items():
+            alpha.assign(values)
+            losses[name] = rp_loss(trainer.model, batch, training)
+        # The scale is fixed by construction (the mix divides by ||alpha||_1), also where no
+        # batch statistics renormalise it (inference); the direction is not.
+        assert losses["2a"] == pytest.approx(losses["a"], rel=1e-5), (training, losses)
+        assert abs(losses["reversed"] - losses["a"]) > 1e-3 * losses["a"], (training, losses)
+    penalty = lasso.sparsity_penalty
+    assert float(penalty(tf.constant([0.1, 0.4, 0.2, 0.3]))) == pytest.approx(float(penalty(tf.constant([0.2, 0.8, 0.4, 0.6]))))
+    assert float(penalty(tf.constant([0.0, 3.0, 0.0, 0.0]))) == pytest.approx(1.0)
+    assert float(penalty(tf.constant([0.5, -0.5, 0.5, 0.5]))) == pytest.approx(2.0)  # sqrt(units)
+    assert float(lasso.top_quarter_share(tf.constant([0.1, -0.6, 0.2, 0.1]))) == pytest.approx(0.6)
 
 
 @pytest.mark.slow
-def test_lasso_weights_are_learned_and_the_l1_pulls_them_toward_zero(tmp_path):
-    alphas = {}
-    for l1 in (0.0, 0.3):
-        trainer = Trainer(rp_config(tmp_path / str(l1), max_steps=60, lasso=True, lasso_l1=l1,
-                                    learning_rate=0.01, summary_every_steps=60))
+def test_lasso_penalty_concentrates_the_mix_on_few_depths(tmp_path):
+    shares = {}
+    for weight in (0.0, 1.0):
+        trainer = Trainer(rp_config(tmp_path / str(weight), max_steps=LASSO_STEPS, lasso=True, lasso_l1=weight,
+                                    learning_rate=0.01, summary_every_steps=LASSO_STEPS))
         trainer.train()
-        alphas[l1] = trainer.model.lasso_alphas()["rp"].numpy()
-    units = len(alphas[0.0])
-    assert units == 4 and np.ptp(alphas[0.0]) > 0.02  # Learned: the depths are weighted differently.
-    assert np.abs(alphas[0.3]).sum() < 0.5 * np.abs(alphas[0.0]).sum(), alphas
-    assert np.median(np.abs(alphas[0.3])) < 0.5 / units, alphas  # Most shrink below half their start.
-    run_dir = tmp_path / "0.3"
-    assert {"lasso/rp", "lasso/alpha_task_by_unit"} <= summary_tags(run_dir / "logs")
+        shares[weight] = lasso.unit_shares(trainer.model.lasso_alphas()["rp"]).numpy()
+    assert len(shares[0.0]) == 4 and np.ptp(shares[0.0]) > 0.02, shares  # The task loss moves the mix.
+    assert shares[1.0].max() > 0.8 and shares[1.0].max() > shares[0.0].max() + 0.3, shares  # The penalty selects.
+    run_dir = tmp_path / "1.0"
+    assert {"lasso/rp", "lasso/rp/top_quarter_share", "lasso/alpha_task_by_unit"} <= summary_tags(run_dir / "logs")
     names = checkpoints.read_specs(str(run_dir))
-    assert "rp_head/lasso/alpha" in names
+    assert {"rp_head/lasso/alpha", "rp_head/lasso/unit_4/moving_mean"} <= set(names)
     extractor = loader.load_feature_extractor(str(run_dir), size="tiny")  # Plain block3, as released.
     assert not extractor.report.missing_in_checkpoint
+    info = export.export_saved_model(str(run_dir), str(tmp_path / "exported"))
+    signature = tf.saved_model.load(str(tmp_path / "exported")).signatures["serving_default"]
+    assert list(signature.structured_outputs) == ["block3"] and info["max_deviation"] <= export.TOLERANCE
 
 
 @pytest.mark.slow
