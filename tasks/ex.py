@@ -23,6 +23,15 @@ default mining because it learned fastest in short runs on the bundled photos (i
 retrieval after 600 tiny-trunk steps with the full jitter: all 0.27, infonce 0.24,
 semihard 0.19; chance 0.03).
 
+Kolesnikov et al.'s exemplar (google/revisiting-self-supervised, config/exemplar/imagenet.sh
+and self_supervision/exemplar.py) takes 8 views of each of 64 images per batch, FaceNet's
+semi-hard mining (`triplet_semihard_loss`) and margin 0.5, with a 1000-d embedding. We keep
+the margin, and default to 2 views and `all` mining: at a fixed number of trunk images per
+step, 2 views give 4 times as many images, i.e. negatives, per batch, and semi-hard learned
+slowest here (above). `--task_param ex.views=8 --task_param ex.mining=semihard` gives their
+setting. (Their code L2-normalises each embedding dimension across the batch, axis 0, not
+each embedding; ours normalises each embedding, as the triplet loss on unit vectors assumes.)
+
 Anchors are this replica's views; candidates (positives and negatives) are the views of the
 GLOBAL batch: under several replicas the embeddings are gathered across replicas
 (`ReplicaContext.all_gather`, which passes gradients back to their replica), unless
