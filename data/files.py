@@ -1,10 +1,12 @@
-"""Listing input files: directory trees with links, and which files hold TFRecords.
+"""Listing input files: directory trees with links, and which files hold TFRecords; writing
+output files atomically.
 
 No TensorFlow here: video and mask-extraction worker processes use it too.
 """
 
 import fnmatch
 import os
+from typing import Callable
 
 from absl import logging
 
@@ -34,3 +36,17 @@ def walk_files(path: str) -> list[str]:
     if skipped:
         logging.warning("%s: skipped %d linked directories already listed (e.g. %s)", path, len(skipped), skipped[0])
     return files
+
+
+def write_atomically(path: str, write: Callable[[str], object]) -> None:
+    """Has `write` write a temporary file beside `path`, then renames it to `path`: a crash
+    leaves no half-written file, and two processes writing the same path at once leave one
+    whole copy. The temporary file is removed if `write` or the rename fails; the error
+    propagates."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -3,124 +3,79 @@ of Doersch & Zisserman's multi-task training.
 
 The trunk sees the lightness L alone (as a grey RGB image) and the head predicts, for each
 cell of block3's grid, a distribution over the 313 in-gamut ab bins (`col_encoding`). The
-target of a cell is its mean ab, soft-encoded over the 5 nearest bins; the loss is the
-multinomial cross-entropy, each cell weighted by the rebalancing weight of its nearest bin
-(lambda 0.5 over an empirical prior), so rare saturated colours count.
+target of a cell is the ab of its centre pixel, soft-encoded over the 5 nearest bins; the
+loss is the multinomial cross-entropy, each cell weighted by the rebalancing weight of its
+nearest bin (lambda 0.5 over the empirical prior), so rare saturated colours count.
+
+Targets are sampled, not averaged, as in Zhang's training net: richzhang/colorization,
+models/colorization_train_val_v2.prototxt, layer 'data_ab_ss', takes the ab of every 4th
+pixel (a fixed 1x1 convolution of stride 4) for its 1/4-resolution output; the average
+pooling beside it is commented out. A mean over a cell mixes its colours into one that may
+appear nowhere in it (red beside green averages to a dull brown), and greys every edge; a
+sample is a real colour of the cell, and the random crops move the sampled pixel, so over
+training each cell's target is drawn from the distribution of its pixels' colours, which
+the 313-way classification is there to model. Our cells are larger (16 px at stride 16), so
+the pipeline keeps the ab of every 4th pixel and the step takes the centre one of each cell.
 
 Output stride and resolution: block3 runs at stride 16 (atrous) by default, so a 224 px
 crop gives a 14 x 14 grid of 16 px cells (stride 8: 28 x 28; stride 32: 7 x 7). The
-pipeline hands over the crop's mean ab and peak chroma per 8 px cell; the step pools them to
-the head's grid and encodes them there (a table lookup), whatever the stride.
+pipeline hands over the crop's ab at every SAMPLE-th pixel and its peak chroma per 8 px
+cell; the step picks the head cells' centre samples and pools the chroma to the head's grid,
+whatever the stride.
 
 Grey carries no colour: a cell whose pixels all have chroma below `min_chroma` (grey
 photos, grey insets, borders) is left out of the loss and the metrics, crops with less than
 `min_colour_fraction` of colour cells are dropped, and a source without any colour photo is
-an error at start. Class rebalancing needs the ab prior of the training data:
+an error at start. (Zhang's NonGrayMaskLayer, resources/caffe_traininglayers.py, masks
+whole images with no |a| or |b| above 5; per cell is finer.)
+
+Class rebalancing needs the ab prior of the data col trains on (`col_prior`). By default
+(`col.prior=data`) it is computed at start from the first `col.prior_images` images of col's
+training source (its --data or col.data; the bundled sample photos without either), with a
+progress line, and cached under $MTSS_CACHE_DIR/col_prior (default
+~/.cache/mtss_train/col_prior) by the data's identity: every file's path, size and
+modification time, plus the settings that change the histogram. A changed file list
+recomputes it. The log names the data, the images read, the colour cells and the cache file.
+To use another prior, or to skip the computation:
 
     python -m mtss_train.tasks.col_prior --data DIR --out DIR_prior.npy
     python -m mtss_train --tasks col --data DIR --task_param col.prior=DIR_prior.npy
 
-Without `col.prior` the prior of the bundled sample photos is used ("sample"); "uniform"
-turns rebalancing off.
+and "uniform" turns rebalancing off.
 """
 
 import dataclasses
-import functools
-import os
-from typing import Callable
 
 import numpy as np
-from absl import logging
 
 from mtss_train import colorspace
 from mtss_train.compat import slim, tf
-from mtss_train.data.images import image_source
 from mtss_train.data.source import Source
 from mtss_train.errors import DataError, MtssError
-from mtss_train.task import MIN_IMAGE_SIDE, Batch, Metric, Task, TaskConfig, register_task
+from mtss_train.task import Batch, Metric, Task, TaskConfig, register_task
 from mtss_train.tasks import col_encoding as encoding
 
-# The pipeline summarizes ab over CELL x CELL pixels: the finest output stride (8).
+# mtss_train.tasks.col_prior, the prior's machinery, is imported where it is used: it imports
+# this module, and `python -m mtss_train.tasks.col_prior` runs it as a program once the
+# package has imported this one, which must not have imported it already (runpy warns).
+
+# The pipeline's peak chroma is per CELL x CELL pixels: the finest output stride (8).
 CELL = 8
+# The pipeline keeps the ab of every SAMPLE-th pixel (rows and columns 0, 4, 8, ...): the
+# centre pixel of a cell of any output stride (8i + 4, 16i + 8, 32i + 16) is among them.
+SAMPLE = 4
 # Images drawn from a source to check that it holds colour photos.
 PROBE_IMAGES = 32
+# `col.prior` values that are not files (`col_prior.load_prior` reads the files).
+DATA_PRIOR = "data"
+UNIFORM_PRIOR = "uniform"
 
 
-def colour_cells(rgb: tf.Tensor, cell: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Mean ab and peak chroma of each `cell` x `cell` block of an image.
-
-    Args:
-      rgb: [H, W, 3] uint8 (or float in [0, 255]); H and W multiples of `cell`.
-      cell: block side in pixels.
-
-    Returns:
-      (ab [H/cell, W/cell, 2] float32, chroma [H/cell, W/cell] float32: the largest
-      sqrt(a^2 + b^2) of the block's pixels).
-    """
-    ab = colorspace.rgb_to_lab(rgb)[None, ..., 1:]
-    chroma = tf.norm(ab, axis=-1, keepdims=True)
-    mean_ab = tf.nn.avg_pool2d(ab, cell, cell, "VALID")[0]
-    return mean_ab, tf.nn.max_pool2d(chroma, cell, cell, "VALID")[0, ..., 0]
-
-
-def image_counts(image: tf.Tensor, side: int, cell: int, min_chroma: float) -> tf.Tensor:
-    """Bin counts [313] float32 of one RGB uint8 image [H, W, 3]: its short side scaled to
-    `side`, cut into `cell` px cells (the rest dropped), each colour cell (peak chroma >=
-    `min_chroma`) counted at the nearest bin of its mean ab."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    size = tf.cast(tf.round(shape * side / tf.reduce_min(shape)), tf.int32) // cell * cell
-    resized = tf.image.resize(tf.cast(image, tf.float32), tf.maximum(size, cell), antialias=True)
-    ab, chroma = colour_cells(tf.clip_by_value(resized, 0.0, 255.0), cell)
-    return encoding.bin_histogram(ab, chroma >= min_chroma)
-
-
-def estimate_counts(images: tf.data.Dataset, count: int, config: "Colorization.Config",
-                    progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
-    """(bin counts [313] float64, images read) over the first `count` images of `images`,
-    with cells as col trains on them (`config`: resize_side, output_stride, min_chroma)."""
-    histograms = images.take(count).map(
-        lambda image: image_counts(image, config.resize_side, config.output_stride, config.min_chroma),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    total = np.zeros(encoding.NUM_BINS)
-    read = 0
-    for histogram in histograms.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-        total += histogram
-        read += 1
-        if progress:
-            progress(read, count)
-    return total, read
-
-
-@functools.lru_cache(maxsize=1)
-def sample_prior() -> np.ndarray:
-    """The ab prior [313] of the bundled sample photos (the default `col.prior`)."""
-    source = image_source(None, MIN_IMAGE_SIDE)
-    counts, _ = estimate_counts(source.dataset(seed=0), len(source.paths), Colorization.Config())
-    return counts / counts.sum()
-
-
-def load_prior(spec: str) -> np.ndarray:
-    """The ab prior [313] named by `col.prior`: "sample", "uniform", or a .npy file.
-
-    Raises:
-      MtssError: if the file is missing or does not hold 313 non-negative numbers.
-    """
-    if spec == "uniform":
-        return np.ones(encoding.NUM_BINS)
-    if spec == "sample":
-        return sample_prior()
-    hint = "compute one with: python -m mtss_train.tasks.col_prior --data DIR --out PATH"
-    if not os.path.isfile(spec):
-        raise MtssError(f"col.prior: no file {spec} ('sample', 'uniform' or a .npy prior); {hint}")
-    try:
-        prior = np.load(spec, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise MtssError(f"col.prior: {spec} is not a .npy array ({e}); {hint}") from None
-    if prior.shape != (encoding.NUM_BINS,) or not np.all(np.isfinite(prior)) or prior.min() < 0 or prior.sum() <= 0:
-        raise MtssError(f"col.prior: {spec} must hold {encoding.NUM_BINS} non-negative numbers with a positive "
-                        f"sum, got shape {prior.shape}; {hint}")
-    return prior / prior.sum()
+def peak_chroma(ab: tf.Tensor, cell: int) -> tf.Tensor:
+    """The largest sqrt(a^2 + b^2) [H/cell, W/cell] float32 of each `cell` x `cell` block of
+    ab [H, W, 2]; H and W multiples of `cell`."""
+    chroma = tf.norm(ab, axis=-1, keepdims=True)[None]
+    return tf.nn.max_pool2d(chroma, cell, cell, "VALID")[0, ..., 0]
 
 
 @register_task
@@ -135,7 +90,8 @@ class Colorization(Task):
         output_stride: int | None = 16  # 14 x 14 cells for a 224 crop.
         crop: int = 224  # Square input side; a multiple of 32, so every stride divides it.
         resize_side: int = 256  # Images are scaled so their short side is this, then cropped.
-        prior: str = "sample"  # "sample", "uniform", or a .npy file from col_prior.
+        prior: str = DATA_PRIOR  # "data" (the training data's own), "uniform", or a .npy file from col_prior.
+        prior_images: int = 5000  # Images read, at most, to compute the "data" prior.
         rebalance: float = encoding.REBALANCE_LAMBDA  # lambda: weight of uniform in the prior.
         temperature: float = encoding.TEMPERATURE  # Of the annealed-mean decoding.
         min_chroma: float = 2.0  # A cell whose pixels all have less chroma is grey.
@@ -158,21 +114,37 @@ class Colorization(Task):
                 raise MtssError("col needs min_chroma >= 0 and min_colour_fraction in [0, 1]")
             if self.head_width < 1:
                 raise MtssError(f"col.head_width must be >= 1, got {self.head_width}")
+            if self.prior_images < 1:
+                raise MtssError(f"col.prior_images must be >= 1, got {self.prior_images}")
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        self.prior = load_prior(config.prior)
-        self.class_weights = encoding.rebalancing_weights(self.prior, config.rebalance)
+        self.prior: np.ndarray | None = None
+        self.class_weights: np.ndarray | None = None
+        # A file is read now, so a bad path fails before any data is read; the data's own
+        # prior needs the opened source (`check_source`).
+        if config.prior != DATA_PRIOR:
+            from mtss_train.tasks.col_prior import load_prior
+
+            self.use_prior(load_prior(config.prior))
+
+    def use_prior(self, prior: np.ndarray) -> None:
+        """Rebalances by `prior` [313] (normalised bin weights)."""
+        self.prior = prior
+        self.class_weights = encoding.rebalancing_weights(prior, self.config.rebalance)
 
     # -- data ---------------------------------------------------------------------------
     def check_source(self, source: Source, path: str | None) -> None:
-        """The photos must include colour ones (see `check_colour`); user data should come
-        with its own prior."""
+        """The photos must include colour ones (see `check_colour`). With col.prior=data the
+        first source checked sets the prior (`data_prior`): the trainer checks the training
+        sources before the held-out ones (--eval_data), whose prior must not replace it.
+        Under --strategy parameter_server the coordinator checks, and its traced steps carry
+        the class weights to the workers."""
         self.check_colour(source.dataset(seed=0), source.path)
-        if path is not None and self.config.prior == "sample":
-            logging.warning("col: class rebalancing uses the prior of the bundled sample photos; for %s compute "
-                            "its own: python -m mtss_train.tasks.col_prior --data %s --out PRIOR.npy, then "
-                            "--task_param col.prior=PRIOR.npy", path, path)
+        if self.prior is None:
+            from mtss_train.tasks.col_prior import data_prior, prior_cache_dir
+
+            self.use_prior(data_prior(source, self.config, prior_cache_dir()))
 
     def check_colour(self, images: tf.data.Dataset, where: str) -> None:
         """Raises DataError unless one of the first PROBE_IMAGES images gives a colour crop.
@@ -207,9 +179,9 @@ class Colorization(Task):
 
         Returns:
           'image': [C, C, 3] uint8 RGB crop (C = crop; the short side scaled to
-          resize_side first, randomly flipped); 'ab': [C/8, C/8, 2] float32 mean ab per 8 px
-          cell; 'chroma': [C/8, C/8] float32 peak chroma per cell; 'colour_fraction': []
-          float32, the share of cells with chroma >= min_chroma.
+          resize_side first, randomly flipped); 'ab': [C/4, C/4, 2] float32 ab of every
+          SAMPLE-th pixel; 'chroma': [C/8, C/8] float32 peak chroma per 8 px cell;
+          'colour_fraction': [] float32, the share of cells with chroma >= min_chroma.
         """
         c = self.config
         place_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -223,9 +195,10 @@ class Colorization(Task):
         crop = tf.cast(tf.round(tf.clip_by_value(crop, 0.0, 255.0)), tf.uint8)
         flip = tf.random.stateless_uniform([], flip_seed) < 0.5
         crop = tf.cond(flip, lambda: tf.reverse(crop, [1]), lambda: crop)
-        ab, chroma = colour_cells(crop, CELL)
+        ab = colorspace.rgb_to_lab(crop)[..., 1:]
+        chroma = peak_chroma(ab, CELL)
         fraction = tf.reduce_mean(tf.cast(chroma >= c.min_chroma, tf.float32))
-        return {"image": crop, "ab": ab, "chroma": chroma, "colour_fraction": fraction}
+        return {"image": crop, "ab": ab[::SAMPLE, ::SAMPLE], "chroma": chroma, "colour_fraction": fraction}
 
     # -- model --------------------------------------------------------------------------
     def trunk_images(self, batch: Batch) -> tf.Tensor:
@@ -240,16 +213,21 @@ class Colorization(Task):
         return {"logits": logits}
 
     def targets(self, batch: Batch, grid: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
-        """(mean ab [N, h, w, 2], colour mask [N, h, w] float32 0/1) on the head's grid."""
-        cells = batch["ab"].shape[1:3]
-        factor = cells[0] // grid[0]
-        if factor * grid[0] != cells[0] or factor * grid[1] != cells[1]:
+        """(ab [N, h, w, 2] of each cell's centre pixel, colour mask [N, h, w] float32 0/1) on
+        the head's grid."""
+        samples, cells = batch["ab"].shape[1:3], batch["chroma"].shape[1:3]
+        step, factor = samples[0] // grid[0], cells[0] // grid[0]
+        if factor < 1 or factor * grid[0] != cells[0] or factor * grid[1] != cells[1]:
             raise MtssError(f"col: head grid {grid} does not divide the {cells} target cells")
-        ab = tf.nn.avg_pool2d(batch["ab"], factor, factor, "VALID")
+        # Samples 0, 4, 8, ... px: sample step * i + step / 2 is pixel (cell side) * i + side / 2.
+        ab = batch["ab"][:, step // 2::step, step // 2::step]
         chroma = tf.nn.max_pool2d(batch["chroma"][..., None], factor, factor, "VALID")[..., 0]
         return ab, tf.cast(chroma >= self.config.min_chroma, tf.float32)
 
     def loss(self, outputs: dict[str, tf.Tensor], batch: Batch) -> tuple[tf.Tensor, dict[str, Metric]]:
+        if self.class_weights is None:
+            raise MtssError("col: the loss needs the ab prior of the training data, which check_source computes "
+                            "from the opened source; call it first, or give col.prior=PATH or col.prior=uniform")
         logits = tf.cast(outputs["logits"], tf.float32)
         ab, colour = self.targets(batch, tuple(logits.shape[1:3]))
         bins, weights = encoding.soft_encode(ab)  # [N, h, w, 5] each.

@@ -10,11 +10,32 @@ reaches further out than sRGB proper; every radius in about [13.3, 13.7] gives e
 and we use the middle, 13.5. (Beyond that distance the soft encoding below would give a bin
 under exp(-13.5**2 / (2 * 5**2)) ~ 3% of the nearest bin's weight.)
 
-Targets are soft: each ab spreads over its 5 nearest bins with Gaussian weights (sigma 5).
-`soft_encode` reads them from a lookup table over the ab plane cut into 1-unit squares
-(built once, ~2.6 MB), each encoded at its centre, instead of measuring distances to all 313
-bins per pixel. The centres sit on half units, so none is equidistant from two bins (their
-midpoints lie on whole units): the table never has to break a tie.
+Checked against Zhang's released bins, richzhang/colorization resources/pts_in_hull.npy (313 x
+2 int64, a-major; that repository is too large to fetch here, so its values were read from
+two independent copies that agree exactly: the .npy in molnarkg7/colorizing_blackwhite_images
+and a literal list in another project): 309 of the 313 bins are the same. Zhang's set also
+has (-30, -50), (40, 90), (100, -90), (100, 0) (13.7 to 14.8 from the sRGB gamut) and lacks
+(-60, 100), (80, -120), (80, 80), (110, -60) (11.8 to 12.8 from it), so no distance rule
+gives it; Zhang's is probably the grid points of an empirical (ImageNet) hull. The 8 differ
+at the gamut's rim, where photos put almost no mass; we keep the rule, which needs no data
+file. `tests/test_col.py` pins the difference.
+
+Targets are soft: each ab spreads over its 5 nearest bins with Gaussian weights (sigma 5),
+as the paper says. (Zhang's released training layer, resources/caffe_traininglayers.py
+NNEncLayer, uses sigma 5 with 10 neighbours: there the 6th to 10th take about 4% of the
+weight, at most 7%, of ab values inside the bins' cells.) `soft_encode` reads them from a
+lookup table over the ab plane cut into 1-unit squares (built once, ~2.6 MB), each encoded at
+its centre, instead of measuring distances to all 313 bins per pixel. The centres sit on half
+units, so none is equidistant from two bins (their midpoints lie on whole units): the table
+never has to break a tie.
+
+Class rebalancing weighs each target by its nearest bin's w ~ 1 / ((1 - lambda) p~ + lambda /
+Q), lambda = 0.5, normalised so that its expectation is 1: the paper's Eq. 4, and Zhang's
+PriorBoostLayer (resources/caffe_traininglayers.py: gamma = .5, alpha = 1, the weight of the
+argmax bin of the soft target). Two details differ there: Zhang's uniform part spreads over
+the bins his prior has seen, and his normalisation uses the prior file as it is; here the
+uniform covers all 313 bins and p~ is the prior smoothed by the Gaussian of sigma 5, as the
+paper defines it.
 """
 
 import functools

@@ -1,22 +1,29 @@
 """Colorization: the ab bins, soft encoding, rebalancing, decoding, the pipeline's grey
-handling, the loss by hand, the prior command, and short training runs."""
+handling, the loss by hand, the prior of the training data and its cache, the prior command,
+and short training runs."""
 
 import glob
+import hashlib
+import logging
+import os
 
 import cv2
 import numpy as np
 import pytest
 import skimage.color
 import skimage.data
+from absl import flags
 
 from conftest import assert_one_line_error, run_cli
 from mtss_train import checkpoints, loader
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.config import TrainConfig, build_tasks
 from mtss_train.errors import DataError, MtssError
 from mtss_train.task import make_config, task_class
 from mtss_train.tasks import col_encoding as encoding
-from mtss_train.tasks.col import Colorization, load_prior
+from mtss_train.tasks import col_prior
+from mtss_train.tasks.col import Colorization
+from mtss_train.tasks.col_prior import load_prior
 from mtss_train.trainer import Trainer
 from test_train import summary_tags
 
@@ -52,6 +59,22 @@ def test_the_gamut_rule_gives_313_bins_on_the_10_unit_grid():
     # The count is not on a knife edge of the radius, and the rule does depend on it.
     assert len(encoding.ab_bins(13.35)) == len(encoding.ab_bins(13.65)) == 313
     assert len(encoding.ab_bins(10.0)) < 300
+
+
+# Zhang et al.'s bins, richzhang/colorization resources/pts_in_hull.npy ([313, 2] int64, a-major),
+# read from two independent copies that agree (see col_encoding): the sha256 of its bytes,
+# and the bins where the gamut rule differs from it.
+ZHANG_BINS_SHA256 = "2a39983ed60d5b52b717842d56d5f766982289e6d5a609582155f437cecc1045"
+ONLY_ZHANG = {(-30, -50), (40, 90), (100, -90), (100, 0)}
+ONLY_OURS = {(-60, 100), (80, -120), (80, 80), (110, -60)}
+
+
+def test_the_gamut_rule_shares_309_of_zhangs_313_bins():
+    ours = {tuple(int(v) for v in b) for b in encoding.ab_bins()}
+    assert ONLY_OURS <= ours and not ONLY_ZHANG & ours
+    zhang = np.array(sorted((ours - ONLY_OURS) | ONLY_ZHANG), np.int64)
+    assert zhang.shape == (313, 2)
+    assert hashlib.sha256(zhang.tobytes()).hexdigest() == ZHANG_BINS_SHA256
 
 
 def test_every_srgb_colour_falls_in_the_cell_of_a_bin_and_no_bin_is_far_from_the_gamut():
@@ -125,14 +148,14 @@ def test_bin_histogram_counts_nearest_bins_where_masked():
 
 # -- examples, grey handling, loss ----------------------------------------------------------
 
-def test_example_cells_are_the_mean_ab_and_peak_chroma_of_the_crop():
+def test_example_keeps_the_ab_of_every_4th_pixel_and_the_peak_chroma_of_8_px_cells():
     task = col_task()
     example = task.make_example(tf.constant(photo("coffee")), tf.constant([0, 3], tf.int64))
     crop = example["image"].numpy()
     assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
     ab = skimage.color.rgb2lab(crop)[..., 1:]
     cells = ab.reshape(8, 8, 8, 8, 2)
-    np.testing.assert_allclose(example["ab"].numpy(), cells.mean(axis=(1, 3)), atol=0.05)
+    np.testing.assert_allclose(example["ab"].numpy(), ab[::4, ::4], atol=0.05)
     np.testing.assert_allclose(example["chroma"].numpy(), np.linalg.norm(cells, axis=-1).max(axis=(1, 3)), atol=0.05)
     assert float(example["colour_fraction"]) == 1.0
     grey = task.make_example(tf.constant(photo("camera")), tf.constant([0, 3], tf.int64))
@@ -159,12 +182,25 @@ def random_batch(task: Colorization, size: int = 3) -> dict:
     return {k: tf.stack([e[k] for e in examples]) for k in examples[0] if k != "colour_fraction"}
 
 
-def test_loss_and_metrics_by_hand():
-    task = col_task(prior="sample")
+def test_targets_are_the_centre_pixels_of_the_head_cells_at_every_stride():
+    task = col_task()
+    example = task.make_example(tf.constant(photo("astronaut")), tf.constant([0, 1], tf.int64))
+    ab = skimage.color.rgb2lab(example["image"].numpy())[..., 1:]
+    batch = {k: v[None] for k, v in example.items()}
+    for side in (8, 16, 32):  # Output strides: cells of `side` px, their centres at side * i + side / 2.
+        targets, _ = task.targets(batch, (64 // side, 64 // side))
+        np.testing.assert_allclose(targets.numpy()[0], ab[side // 2::side, side // 2::side], atol=0.05)
+
+
+def test_loss_and_metrics_by_hand(tmp_path):
+    prior = np.random.RandomState(4).gamma(0.3, size=313)
+    np.save(tmp_path / "prior.npy", prior)
+    task = col_task(prior=str(tmp_path / "prior.npy"))
+    np.testing.assert_allclose(task.class_weights, encoding.rebalancing_weights(prior / prior.sum()), rtol=1e-6)
     batch = random_batch(task)
     logits = np.random.RandomState(3).normal(0, 2, [3, 4, 4, 313]).astype(np.float32)
     loss, metrics = task.loss({"logits": tf.constant(logits)}, batch)
-    ab = batch["ab"].numpy().reshape(3, 4, 2, 4, 2, 2).mean(axis=(2, 4))
+    ab = batch["ab"].numpy()[:, 2::4, 2::4]  # Samples every 4 px: pixels 8, 24, 40, 56.
     colour = batch["chroma"].numpy().reshape(3, 4, 2, 4, 2).max(axis=(2, 4)) >= task.config.min_chroma
     bins, weights = brute_force_encoding(np.floor(ab.reshape(-1, 2)).astype(np.float64) + 0.5)
     log_p = logits.reshape(-1, 313) - np.log(np.exp(logits.reshape(-1, 313)).sum(-1, keepdims=True))
@@ -240,7 +276,7 @@ def test_a_mixed_source_yields_only_colour_crops(tmp_path):
     source = task.open_source(write_photos(tmp_path / "mixed", GREY + COLOUR))
     batches = list(task.make_dataset(source.dataset(seed=0), 8, seed=0).take(3))
     for batch in batches:
-        assert set(batch) == {"image", "ab", "chroma"} and batch["ab"].shape == (8, 8, 8, 2)
+        assert set(batch) == {"image", "ab", "chroma"} and batch["ab"].shape == (8, 16, 16, 2)
         fraction = tf.reduce_mean(tf.cast(batch["chroma"] >= task.config.min_chroma, tf.float32), [1, 2])
         assert np.all(fraction.numpy() >= task.config.min_colour_fraction)
     again = list(task.make_dataset(source.dataset(seed=0), 8, seed=0).take(3))
@@ -249,18 +285,158 @@ def test_a_mixed_source_yields_only_colour_crops(tmp_path):
 
 def test_prior_setting_and_bad_prior_files(tmp_path):
     np.testing.assert_allclose(load_prior("uniform"), 1.0)
-    sample = load_prior("sample")
-    assert sample.shape == (313,) and np.isclose(sample.sum(), 1.0) and sample[encoding.nearest_bin([0.0, 0.0])] > 0
-    with pytest.raises(MtssError, match="col.prior: no file .*col_prior"):
+    with pytest.raises(MtssError, match="col.prior: no file .*'data', 'uniform' or a .npy prior.*col_prior"):
         load_prior(str(tmp_path / "missing.npy"))
+    with pytest.raises(MtssError, match="col.prior: no file sample"):  # The bundled photos' prior is `data` on them.
+        col_task(prior="sample")
     np.save(tmp_path / "short.npy", np.ones(10))
     with pytest.raises(MtssError, match="313 non-negative"):
         load_prior(str(tmp_path / "short.npy"))
 
 
+# -- the prior of the training data ------------------------------------------------------
+
+# 64 px images of 16 px blocks: with resize_side 64 and stride 16, each block is one cell.
+DATA_SETTINGS = {"prior": "data", "resize_side": "64"}
+RED, GREEN, BLUE, YELLOW, WHITE = (200, 30, 40), (40, 160, 60), (30, 50, 190), (230, 210, 40), (255, 255, 255)
+
+
+def write_blocks(directory, name: str, colours: list[tuple[int, int, int]]) -> None:
+    """A 64 x 64 PNG of 4 x 4 blocks of 16 px, coloured row by row from `colours` (16)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    image = np.repeat(np.repeat(np.array(colours, np.uint8).reshape(4, 4, 3), 16, 0), 16, 1)
+    cv2.imwrite(str(directory / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def mostly(directory, main: tuple, other: tuple, images: int = 3) -> str:
+    """Images of 12 `main` blocks, 3 `other` ones and a white one (grey: never counted)."""
+    for i in range(images):
+        write_blocks(directory, f"image{i}", [main] * 12 + [other] * 3 + [WHITE])
+    return str(directory)
+
+
+def histogram_by_hand(blocks: dict[tuple, int]) -> np.ndarray:
+    """The prior of images made of flat blocks {colour: count}: each colour's ab (scikit-image)
+    at its nearest bin, as the table finds it (the centre of its 1-unit square)."""
+    counts = np.zeros(313)
+    for colour, count in blocks.items():
+        ab = skimage.color.rgb2lab(np.array([[colour]], np.uint8))[0, :, 1:]
+        if np.linalg.norm(ab) >= 2.0:  # min_chroma
+            counts[brute_force_encoding(np.floor(ab) + 0.5)[0][0, 0]] += count
+    return counts / counts.sum()
+
+
+@pytest.fixture
+def prior_cache(tmp_path, monkeypatch):
+    """The prior cache in tmp_path, and a count of the priors computed."""
+    monkeypatch.setenv("MTSS_CACHE_DIR", str(tmp_path / "cache"))
+    computed = []
+    estimate = col_prior.estimate_counts
+
+    def counting(*args, **kwargs):
+        computed.append(args)
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(col_prior, "estimate_counts", counting)
+    return computed
+
+
+def started(path: str | None, **settings: str) -> Colorization:
+    """A col task after the trainer's start-up check of its training data at `path`."""
+    task = col_task(**{**DATA_SETTINGS, **settings})
+    task.check_source(task.open_source(path), path)
+    return task
+
+
+def test_the_prior_of_a_data_directory_is_its_histogram_not_the_sample_photos(tmp_path, prior_cache):
+    red = started(mostly(tmp_path / "red", RED, GREEN))
+    np.testing.assert_allclose(red.prior, histogram_by_hand({RED: 36, GREEN: 9}), atol=1e-12)
+    np.testing.assert_allclose(red.class_weights, encoding.rebalancing_weights(red.prior), rtol=1e-6)
+    blue = started(mostly(tmp_path / "blue", BLUE, YELLOW))
+    np.testing.assert_allclose(blue.prior, histogram_by_hand({BLUE: 36, YELLOW: 9}), atol=1e-12)
+    # Rebalancing favours what the data lacks: red weighs less on red data than on blue data.
+    red_bin = int(encoding.nearest_bin(skimage.color.rgb2lab(np.array([[RED]], np.uint8))[0, 0, 1:]))
+    assert red.class_weights[red_bin] < blue.class_weights[red_bin]
+    sample = started(None)  # The bundled photos: their own prior is the sample prior.
+    assert not np.allclose(sample.prior, red.prior) and np.count_nonzero(sample.prior) > 20
+    assert len(prior_cache) == 3
+
+
+def test_the_second_start_reads_the_cache_and_a_changed_directory_recomputes(tmp_path, prior_cache, caplog):
+    caplog.set_level(logging.INFO)
+    data = mostly(tmp_path / "red", RED, GREEN)
+    first = started(data)
+    assert len(prior_cache) == 1
+    entries = sorted(os.listdir(tmp_path / "cache" / "col_prior"))
+    assert [os.path.splitext(e)[1] for e in entries] == [".json", ".npy"]  # No temporary file left.
+    assert f"ab prior of {data}: 3 images read, 45 colour cells" in caplog.text
+    caplog.clear()
+    again = started(data)
+    assert len(prior_cache) == 1 and "read from the cache" in caplog.text
+    np.testing.assert_array_equal(again.prior, first.prior)
+    # The cache entry is a prior file like any other.
+    np.testing.assert_allclose(load_prior(str(tmp_path / "cache" / "col_prior" / entries[1])), first.prior)
+    # Settings that change the histogram, and a new file, make a new entry.
+    started(data, min_chroma="3")
+    assert len(prior_cache) == 2
+    write_blocks(tmp_path / "red", "added", [BLUE] * 16)
+    changed = started(data)
+    assert len(prior_cache) == 3
+    np.testing.assert_allclose(changed.prior, histogram_by_hand({RED: 36, GREEN: 9, BLUE: 16}), atol=1e-12)
+
+
+def test_at_most_prior_images_are_read(tmp_path, prior_cache):
+    task = started(mostly(tmp_path / "red", RED, GREEN, images=5), prior_images="2")
+    assert prior_cache[0][1] == 2
+    np.testing.assert_allclose(task.prior, histogram_by_hand({RED: 24, GREEN: 6}), atol=1e-12)
+
+
+def test_the_training_data_sets_the_prior_not_the_held_out_data_checked_after_it(tmp_path, prior_cache):
+    task = started(mostly(tmp_path / "red", RED, GREEN))
+    held_out = mostly(tmp_path / "blue", BLUE, YELLOW)
+    task.check_source(task.open_source(held_out), held_out)
+    np.testing.assert_allclose(task.prior, histogram_by_hand({RED: 36, GREEN: 9}), atol=1e-12)
+    assert len(prior_cache) == 1
+
+
+def test_a_prior_file_or_uniform_wins_over_the_data(tmp_path, prior_cache):
+    data = mostly(tmp_path / "red", RED, GREEN)
+    prior = np.random.RandomState(5).gamma(0.3, size=313)
+    np.save(tmp_path / "prior.npy", prior)
+    from_file = started(data, prior=str(tmp_path / "prior.npy"))
+    np.testing.assert_allclose(from_file.prior, prior / prior.sum())
+    uniform = started(data, prior="uniform")
+    np.testing.assert_allclose(uniform.class_weights, encoding.rebalancing_weights(np.full(313, 1 / 313)))
+    assert not prior_cache
+
+
+def test_a_bad_prior_path_is_one_clear_error_before_any_data_is_read(tmp_path, prior_cache):
+    config = TrainConfig(train_dir=str(tmp_path / "run"), tasks=["col"],
+                         task_params={"col": {"prior": str(tmp_path / "missing.npy")}})
+    with pytest.raises(MtssError, match=r"^task col: col.prior: no file .*missing.npy .*col_prior --data DIR") as e:
+        build_tasks(config)
+    assert "\n" not in str(e.value) and not prior_cache
+
+
+def test_the_loss_without_a_prior_says_what_is_missing():
+    task = col_task(prior="data")
+    with pytest.raises(MtssError, match="check_source"):
+        task.loss({"logits": tf.zeros([3, 4, 4, 313])}, random_batch(task))
+
+
+def test_an_unwritable_cache_still_gives_the_prior(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("MTSS_CACHE_DIR", str(tmp_path / "file"))
+    caplog.set_level(logging.INFO)
+    task = started(mostly(tmp_path / "red", RED, GREEN))
+    np.testing.assert_allclose(task.prior, histogram_by_hand({RED: 36, GREEN: 9}), atol=1e-12)
+    assert "could not cache the ab prior" in caplog.text and "not cached" in caplog.text
+
+
 @pytest.mark.parametrize("field, value, fragment", [
     ("crop", "100", "col.crop"), ("resize_side", "32", "resize_side"), ("rebalance", "2", "rebalance"),
     ("temperature", "0", "temperature"), ("output_stride", "none", "output_stride"),
+    ("prior_images", "0", "prior_images"),
 ])
 def test_bad_settings_are_rejected(field, value, fragment):
     with pytest.raises(MtssError, match=fragment):
@@ -270,6 +446,13 @@ def test_bad_settings_are_rejected(field, value, fragment):
 def test_registered_under_col():
     assert task_class("col") is Colorization
     assert Colorization.input_colour == "grey" and Colorization.Config().output_stride == 16
+    assert Colorization.Config().prior == "data"
+
+
+def test_the_prior_library_defines_no_flags():
+    # The trainer imports it (through col) and has a --data of its own; the command defines
+    # --data, --out and --images only when it runs.
+    assert not flags.FLAGS.get_key_flags_for_module(col_prior.__name__)
 
 
 @pytest.mark.slow

@@ -3,15 +3,17 @@
     python -m mtss_train.eval.features --checkpoint CKPT --data DATA --out DIR [--format npy|tfrecord]
 
 The trunk (a slim-name checkpoint, or `random`: seeded initial weights) runs in inference
-mode (BatchNorm uses its moving statistics) on RGB images resized to S x S
+mode (BatchNorm uses its moving statistics, as stored or re-estimated on other images by
+`mtss_train.recalibrate_bn.RecalibratedTrunk`) on RGB images resized to S x S
 (`mtss_train.data.labelled`). Its block3 output [N, h, w, C] is average-pooled to a G x G
 grid (adaptive bins as in PyTorch's AdaptiveAvgPool2d: bin i spans rows
 floor(i*h/G) .. ceil((i+1)*h/G) - 1, so G may exceed h) and flattened in (row, column,
 channel) order to [N, G*G*C], or pooled globally to [N, C].
 
-Features are cached on disk under a key made of the checkpoint's content digest, the
-data's identity (files, sizes, modification times, class mapping) and every setting that
-changes them, so a second probe or a regulariser sweep never runs the trunk again.
+Features are cached on disk under a key made of the trunk's digest (the checkpoint's
+content, and the recalibration's data and settings if any), the data's identity (files,
+sizes, modification times, class mapping) and every setting that changes them, so a second
+probe or a regulariser sweep never runs the trunk again.
 """
 
 from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
@@ -30,6 +32,7 @@ from absl import app, flags, logging
 
 from mtss_train import checkpoints, loader, trunk
 from mtss_train.compat import tf
+from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import TFRECORD_LABEL_KEY, LabelledData, open_labelled
 from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
 
@@ -84,9 +87,17 @@ class Trunk:
         self.output_stride, self.seed = settings.output_stride, settings.seed
         self._extractor: loader.FeatureExtractor | None = None
         self._digest: str | None = None
+        # How `mtss_train.recalibrate_bn.RecalibratedTrunk` re-estimated the BatchNorm
+        # statistics before extraction (JSON-able: data, images, batches); None: as stored.
+        self.recalibrate_bn: dict | None = None
 
     @property
     def extractor(self) -> loader.FeatureExtractor:
+        """The trunk that computes the features."""
+        return self._built()
+
+    def _built(self) -> loader.FeatureExtractor:
+        """The trunk as stored (checkpoint or seeded initial weights), built once."""
         if self._extractor is None:
             if self.prefix is None:
                 tf.random.set_seed(self.seed)  # Resets TF's op-seed sequence: same seed, same weights.
@@ -107,7 +118,7 @@ class Trunk:
         if self._digest is None:
             digest = hashlib.sha256()
             if self.prefix is None:
-                for name, variable in sorted(self.extractor.layer.variables_by_name().items()):
+                for name, variable in sorted(self._built().layer.variables_by_name().items()):
                     digest.update(name.encode() + variable.numpy().tobytes())
             else:
                 directory = os.path.dirname(self.prefix) or "."
@@ -154,7 +165,7 @@ class Progress:
         eta = ""
         if self.total and rate > 0:
             eta = f", ETA {datetime.timedelta(seconds=round(max(self.total - self.count, 0) / rate))}"
-        return f"features of {self.label}: {self.count:,}{total} images, {rate:.0f} img/s{eta}"
+        return f"{self.label}: {self.count:,}{total} images, {rate:.0f} img/s{eta}"
 
     def update(self, count: int) -> None:
         self.count += count
@@ -182,7 +193,7 @@ def extract(model: Trunk, data: LabelledData, settings: Settings, limit: int | N
     size = settings.image_size or DEFAULT_IMAGE_SIZE[model.size]
     extractor = model.extractor
     features_fn = tf.function(lambda images: grid_pool(extractor(images), settings.grid))
-    progress = Progress(label, data.count(limit))
+    progress = Progress(f"features of {label}", data.count(limit))
     batches = data.dataset(size, limit).batch(settings.batch_size).prefetch(2)
     chunks, labels = [], []
     for images, batch_labels in batches:
@@ -198,7 +209,7 @@ def extract(model: Trunk, data: LabelledData, settings: Settings, limit: int | N
             "grid": settings.grid or "global", "image_size": size, "feature_shape": shape,
             "data": data.path, "data_kind": data.kind, "classes": data.classes, "limit": limit,
             "examples": int(sum(len(x) for x in labels)), "skipped": data.skipped.count,
-            "extraction_seconds": round(seconds, 2)}
+            "extraction_seconds": round(seconds, 2), "recalibrate_bn": model.recalibrate_bn}
     return Extracted(np.concatenate(chunks), np.concatenate(labels), meta)
 
 
@@ -229,8 +240,8 @@ def load_or_extract(model: Trunk, data: LabelledData, settings: Settings, limit:
     found = extract(model, data, settings, limit, label)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        _write_atomically(path, lambda tmp: _save(tmp, np.savez, features=found.features,
-                                                  labels=found.labels, meta=json.dumps(found.meta)))
+        write_atomically(path, lambda tmp: _save(tmp, np.savez, features=found.features,
+                                                 labels=found.labels, meta=json.dumps(found.meta)))
         found.meta["cache"] = path
     except OSError as e:  # The features are fine; only the next run will be slower.
         logging.warning("could not cache features in %s: %s", cache_dir, e)
@@ -241,16 +252,6 @@ def _save(path: str, save: Callable[..., None], *args: object, **kwargs: object)
     """numpy's save/savez to exactly `path` (given a name, they would append a suffix)."""
     with open(path, "wb") as f:
         save(f, *args, **kwargs)
-
-
-def _write_atomically(path: str, write: Callable[[str], object]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def export(found: Extracted, out_dir: str, fmt: str) -> list[str]:
@@ -275,7 +276,7 @@ def export(found: Extracted, out_dir: str, fmt: str) -> list[str]:
     try:
         os.makedirs(out_dir, exist_ok=True)
         for name in files:
-            _write_atomically(os.path.join(out_dir, name), writers[name])
+            write_atomically(os.path.join(out_dir, name), writers[name])
     except OSError as e:
         raise MtssError(f"cannot write features to {out_dir}: {e.strerror or e}") from None
     return [os.path.join(out_dir, name) for name in files]
