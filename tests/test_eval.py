@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mtss_train import checkpoints, loader
+from mtss_train import checkpoints, loader, recalibrate_bn
 from mtss_train.compat import tf
 from mtss_train.data.labelled import TFRECORD_LABEL_KEY, fit_square, open_labelled, read_idx
 from mtss_train.errors import CheckpointError, DataError
@@ -232,6 +232,42 @@ def test_cached_features_are_reused_without_running_the_trunk(tiny_ckpt, stripe_
         feats.load_or_extract(feats.Trunk(tiny_ckpt, global_settings), data, global_settings, 20, str(tmp_path), "t")
 
 
+def test_recalibration_reads_only_the_training_images_and_has_its_own_cache_entries(tiny_ckpt, stripe_sets,
+                                                                                     tmp_path, monkeypatch):
+    train, test = lp.open_splits(*stripe_sets)
+    rng = np.random.default_rng(3)
+    for name in train.classes:  # Test images whose statistics are nothing like the training images'.
+        os.makedirs(tmp_path / "bright" / name)
+        for i in range(5):
+            bright_noise = rng.integers(200, 256, [64, 64, 3]).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / "bright" / name / f"{i}.png"), bright_noise)
+    bright = open_labelled(str(tmp_path / "bright"), classes=train.classes)
+    settings = feats.Settings(image_size=48, batch_size=16)
+    runs = {}
+    for name, test_split in (("stripes", test), ("bright", bright)):
+        result = lp.run_probe(tiny_ckpt, train, test_split, settings, None, str(tmp_path / name),
+                              recalibrate_batches=3, l2_grid=(1.0, 0.01))
+        with np.load(result["train_data"]["cache"]) as stored:
+            runs[name] = (result, stored["features"])
+    assert runs["stripes"][0]["recalibrate_bn"] == {"data": stripe_sets[0], "images": 48, "batches": 3,
+                                                    "batch_size": 16, "layers": 18}
+    np.testing.assert_array_equal(runs["stripes"][1], runs["bright"][1])  # The test split changed nothing.
+
+    plain = lp.run_probe(tiny_ckpt, train, test, settings, None, str(tmp_path / "stripes"), l2_grid=(1.0, 0.01))
+    assert plain["recalibrate_bn"] is None and plain["train_data"]["cache"] != runs["stripes"][0]["train_data"]["cache"]
+    with np.load(plain["train_data"]["cache"]) as stored:
+        assert not np.allclose(stored["features"], runs["stripes"][1], rtol=1e-3, atol=1e-3)
+
+    def no_recalibration(*args, **kwargs):
+        raise AssertionError("recalibrated on a cache hit")
+
+    monkeypatch.setattr(recalibrate_bn, "recalibrate", no_recalibration)
+    again = lp.run_probe(tiny_ckpt, train, test, settings, None, str(tmp_path / "stripes"), recalibrate_batches=3,
+                         l2_grid=(1.0, 0.01))
+    assert again["recalibrate_bn"] == runs["stripes"][0]["recalibrate_bn"]
+    assert again["test_top1"] == runs["stripes"][0]["test_top1"]
+
+
 def test_random_weights_follow_the_seed():
     digests = [feats.Trunk("random", feats.Settings(trunk_size="tiny", seed=s)).digest for s in (0, 0, 1)]
     assert digests[0] == digests[1] != digests[2]
@@ -270,8 +306,17 @@ def test_probe_and_compare_commands(stripe_sets, tiny_ckpt, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("from the cache") == 2  # `random` again: the probe's features.
     rows = result.stdout.splitlines()
-    assert rows[0].split()[:3] == ["checkpoint", "trunk", "top-1"] and rows[2].startswith("random ")
+    assert rows[0].split()[:4] == ["checkpoint", "trunk", "BN", "top-1"] and rows[2].startswith("random ")
     assert rows[3].startswith(tiny_ckpt) and len(json.loads((tmp_path / "c.json").read_text())["results"]) == 2
+    assert rows[2].split()[2] == "stored"
+    result = run_cli("mtss_train.eval.compare", "random", tiny_ckpt, "--recalibrate_bn", "--recalibrate_batches", "5",
+                     "--out", str(tmp_path / "rc.json"), *common)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("BatchNorm statistics of") >= 2 and "from the cache" not in result.stderr
+    recalibrated = [r["recalibrate_bn"] for r in json.loads((tmp_path / "rc.json").read_text())["results"]]
+    # 90 training images make one batch of 64 (the default --batch_size); the short rest is left out.
+    assert [(r["data"], r["images"], r["batches"]) for r in recalibrated] == [(stripe_sets[0], 64, 1)] * 2
+    assert [row.split()[2:4] for row in result.stdout.splitlines()[2:4]] == [["recal.", "64"]] * 2
 
 
 def test_bad_data_labels_and_checkpoints_are_user_errors_printed_as_one_line(stripe_sets, tmp_path):

@@ -29,30 +29,38 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     found = json.loads((out / "results.json").read_text())
 
     assert set(found["arms"]) == {reproduce.RANDOM_ARM, *reproduce.ARMS}
+    probe_images = 200 // 64 * 64  # The recalibrated column: every full batch of the 200 probe training images.
     for arm, summary in found["arms"].items():
-        assert list(summary["seeds"]) == ["0"], arm
-        run = summary["seeds"]["0"]
-        assert 0.0 <= run["test_top1"] <= 1.0 and run["test_examples"] == 200 and run["train_examples"] == 200
-        assert summary["test_top1_mean"] == run["test_top1"] and summary["test_top1_std"] == 0.0
-        assert run["feature_shape"] == [3, 3, 128] and run["trunk_size"] == "tiny"
+        for column in reproduce.COLUMNS:
+            assert list(summary[column]["seeds"]) == ["0"], arm
+            run = summary[column]["seeds"]["0"]
+            assert 0.0 <= run["test_top1"] <= 1.0 and run["test_examples"] == 200 and run["train_examples"] == 200
+            assert summary[column]["test_top1_mean"] == run["test_top1"] and summary[column]["test_top1_std"] == 0.0
+            assert run["feature_shape"] == [3, 3, 128] and run["trunk_size"] == "tiny"
+        assert summary["plain"]["seeds"]["0"]["recalibrate_bn"] is None
+        recalibrated = summary["recalibrated_bn"]["seeds"]["0"]["recalibrate_bn"]
+        assert recalibrated["images"] == probe_images and recalibrated["data"].endswith("fashion-mnist/train")
         assert arm in result.stdout
     init = checkpoints.latest(str(out / "init" / "seed0"))
-    assert found["arms"][reproduce.RANDOM_ARM]["seeds"]["0"]["checkpoint"] == init
-    plan = reproduce.Plan(str(out), (0,), tuple(reproduce.ARMS), 4, 0.01, fashion_mnist, 300, 200)
-    for arm, tasks in reproduce.ARMS.items():
+    assert found["arms"][reproduce.RANDOM_ARM]["plain"]["seeds"]["0"]["checkpoint"] == init
+    plan = reproduce.Plan(str(out), (0,), tuple(reproduce.ARMS), 4, 0.01, fashion_mnist, 300, 200, 100)
+    for arm, spec in reproduce.ARMS.items():
         train_dir = plan.train_dir(arm, 0)
         assert checkpoints.latest(train_dir).endswith("-4"), arm
         flags_json = json.loads(open(os.path.join(train_dir, "flags.json")).read())
-        assert flags_json["init_checkpoint"] == init and flags_json["tasks"] == list(tasks)
-        assert found["arms"][arm]["seeds"]["0"]["train_seconds"] > 0
-    claims = found["claims"]
-    assert claims["best_single_task"] in {"rp", "col", "ex", "ms"} and claims["best_arm"] in reproduce.ARMS
-    single = found["arms"][claims["best_single_task"]]["test_top1_mean"]
-    assert set(claims["combination_minus_best_single"]) == {"rp+col+ex+ms", "rp+ex"}
-    for arm, difference in claims["combination_minus_best_single"].items():
-        assert difference == pytest.approx(found["arms"][arm]["test_top1_mean"] - single)
+        assert flags_json["init_checkpoint"] == init and flags_json["tasks"] == list(spec.tasks)
+        assert (flags_json["harmonize"], flags_json["lasso"]) == (arm.endswith("-harm-lasso"),) * 2, arm
+        assert found["arms"][arm]["train_seconds"]["0"] > 0
+    for column, claims in found["claims"].items():
+        assert claims["best_single_task"] in {"rp", "col", "ex", "ms"} and claims["best_arm"] in reproduce.ARMS
+        single = found["arms"][claims["best_single_task"]][column]["test_top1_mean"]
+        assert set(claims["combination_minus_best_single"]) == {"rp+col+ex+ms", "rp+col+ex+ms-harm-lasso", "rp+ex"}
+        for arm, difference in claims["combination_minus_best_single"].items():
+            assert difference == pytest.approx(found["arms"][arm][column]["test_top1_mean"] - single)
+        assert f"{column}: claim 1: best arm {claims['best_arm']}" in result.stdout
+        assert f"{column}: claim 2: rp+col+ex+ms-harm-lasso" in result.stdout
     assert "budget: 4 optimizer steps per arm" in result.stdout and found["budget"] in result.stdout
-    assert f"claim 1: best arm {claims['best_arm']}" in result.stdout and "claim 2: rp+ex" in result.stdout
+    assert "recalibrated BN top-1" in result.stdout.splitlines()[1]
 
     # A second run finds the arm trained and its features cached: nothing is trained again.
     trained = checkpoints.latest(plan.train_dir("rp", 0)) + ".index"
@@ -62,13 +70,15 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((out / "results.json").read_text())
     assert os.path.getmtime(trained) == written and set(rerun["arms"]) == {reproduce.RANDOM_ARM, "rp"}
-    assert rerun["arms"]["rp"]["seeds"]["0"]["train_seconds"] == found["arms"]["rp"]["seeds"]["0"]["train_seconds"]
+    assert rerun["arms"]["rp"]["train_seconds"] == found["arms"]["rp"]["train_seconds"]
+    assert "from the cache" in again.stderr and "BatchNorm statistics of" not in again.stderr
 
     # Other settings never resume an arm trained with these: the table would mix them.
     other = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
                     "--arms=rp", "--learning_rate=0.5", timeout=600)
     assert_one_line_error(other, plan.train_dir("rp", 0), "learning_rate 0.01", "0.5")
-    assert rerun["arms"]["rp"]["test_top1_mean"] == found["arms"]["rp"]["test_top1_mean"]
+    for column in reproduce.COLUMNS:
+        assert rerun["arms"]["rp"][column]["test_top1_mean"] == found["arms"]["rp"][column]["test_top1_mean"]
 
 
 def test_bad_arms_and_missing_data_are_one_line_errors(tmp_path):

@@ -4,9 +4,11 @@
         --train DATA --test DATA [--out results.json]
 
 Each CKPT (a checkpoint prefix, file or train dir, or `random` for seeded initial weights)
-goes through `mtss_train.eval.linear_probe` with the same data, grid, image size and
-penalty grid. The table is printed; --out also writes every probe's JSON result. All
-checkpoints are checked before any feature is extracted, so a bad one fails at once.
+goes through `mtss_train.eval.linear_probe` with the same data, grid, image size,
+penalty grid and `--recalibrate_bn` setting (the table's BN column: `stored`, or `recal. N`
+for statistics re-estimated on N training images). The table is printed; --out also writes
+every probe's JSON result. All checkpoints are checked before any feature is extracted, so
+a bad one fails at once.
 """
 
 from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
@@ -27,7 +29,7 @@ from mtss_train.errors import MtssError, cli_main
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
 
-COLUMNS = ("checkpoint", "trunk", "top-1", "top-5", "val top-1", "l2", "features", "train/test", "seconds")
+COLUMNS = ("checkpoint", "trunk", "BN", "top-1", "top-5", "val top-1", "l2", "features", "train/test", "seconds")
 
 
 def settings_per_checkpoint(names: list[str], settings: feats.Settings) -> dict[str, feats.Settings]:
@@ -57,12 +59,18 @@ def settings_per_checkpoint(names: list[str], settings: feats.Settings) -> dict[
 def table(results: list[dict]) -> str:
     """One row per probe result, columns aligned."""
     rows = [COLUMNS] + [(
-        r["checkpoint"], r["trunk_size"], f"{r['test_top1']:.4f}", f"{r['test_top5']:.4f}",
-        f"{r['val_top1']:.4f}", f"{r['chosen_l2']:g}", "x".join(str(d) for d in r["feature_shape"]),
+        r["checkpoint"], r["trunk_size"], bn_column(r.get("recalibrate_bn")), f"{r['test_top1']:.4f}",
+        f"{r['test_top5']:.4f}", f"{r['val_top1']:.4f}", f"{r['chosen_l2']:g}",
+        "x".join(str(d) for d in r["feature_shape"]),
         f"{r['train_examples']}/{r['test_examples']}",
         f"{r['seconds']['features'] + r['seconds']['probe']:.0f}",
     ) for r in results]
     return aligned(rows)
+
+
+def bn_column(recalibrated: dict | None) -> str:
+    """How the BatchNorm statistics were set: as stored, or re-estimated on N images."""
+    return f"recal. {recalibrated['images']}" if recalibrated else "stored"
 
 
 def aligned(rows: list[tuple[str, ...]]) -> str:

@@ -1,7 +1,7 @@
 """Linear probe: a multinomial logistic regression on frozen block3 features.
 
     python -m mtss_train.eval.linear_probe --checkpoint CKPT --train DATA --test DATA \
-        [--trunk_size 101|tiny] [--grid 3|global] [--out result.json]
+        [--trunk_size 101|tiny] [--grid 3|global] [--recalibrate_bn] [--out result.json]
 
 As the paper judges a representation: block3 features of the frozen trunk, averaged over a
 3x3 grid of cells (or globally), standardised with the training data's mean and deviation,
@@ -11,6 +11,10 @@ the test data); the classifier is then refitted on all training data and scored 
 the test data (top-1, top-5). `--checkpoint random` probes seeded random initial weights,
 the baseline a pre-trained trunk should beat. Features come from the cache of
 `mtss_train.eval.features`, so a rerun with other penalties never runs the trunk.
+
+`--recalibrate_bn` first re-estimates the trunk's BatchNorm statistics on the training
+images (`mtss_train.recalibrate_bn`; never on the test images), for trunks whose moving
+statistics were averaged over other inputs; the JSON records on how many images.
 """
 
 from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
@@ -31,6 +35,7 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
+from mtss_train import recalibrate_bn
 from mtss_train.data.labelled import LabelledData, open_labelled
 from mtss_train.errors import DataError, MtssError, cli_main
 from mtss_train.eval import features as feats
@@ -216,10 +221,19 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
 
 
 def run_probe(checkpoint: str, train: LabelledData, test: LabelledData, settings: feats.Settings,
-              limit: int | None, cache_dir: str | None, **probe_args) -> dict:
-    """Features of both splits (cached) through the trunk of `checkpoint`, then `probe`."""
+              limit: int | None, cache_dir: str | None, recalibrate_batches: int | None = None,
+              **probe_args) -> dict:
+    """Features of both splits (cached) through the trunk of `checkpoint`, then `probe`.
+
+    With `recalibrate_batches`, the trunk's BatchNorm statistics are first re-estimated on
+    that many batches of `settings.batch_size` training images (within `limit`), never on
+    test images (`mtss_train.recalibrate_bn`).
+    """
     start = time.monotonic()
-    model = feats.Trunk(checkpoint, settings)
+    if recalibrate_batches:
+        model = recalibrate_bn.RecalibratedTrunk(checkpoint, settings, train, recalibrate_batches, limit)
+    else:
+        model = feats.Trunk(checkpoint, settings)
     found = {name: feats.load_or_extract(model, data, settings, limit, cache_dir, f"{name} {data.path}")
              for name, data in (("train", train), ("test", test))}
     extracted = time.monotonic()
@@ -229,7 +243,8 @@ def run_probe(checkpoint: str, train: LabelledData, test: LabelledData, settings
     return {
         "checkpoint": checkpoint, "trunk": model.describe(), "checkpoint_digest": model.digest,
         **{key: meta[key] for key in ("trunk_size", "output_stride", "grid", "image_size", "feature_shape")},
-        "limit": limit, **{f"{name}_data": _data_summary(f.meta) for name, f in found.items()},
+        "limit": limit, "recalibrate_bn": meta.get("recalibrate_bn"),
+        **{f"{name}_data": _data_summary(f.meta) for name, f in found.items()},
         **result, "seconds": {"features": round(extracted - start, 2),
                               "probe": round(time.monotonic() - extracted, 2)},
     }
@@ -240,7 +255,10 @@ def _data_summary(meta: dict) -> dict:
 
 
 def summary(result: dict) -> str:
-    return (f"{result['trunk']}: test top-1 {result['test_top1']:.4f}, top-{result['top5_k']} "
+    recalibrated = result.get("recalibrate_bn")
+    trunk = result["trunk"] + (f" (BN recalibrated on {recalibrated['images']:,} training images)"
+                               if recalibrated else "")
+    return (f"{trunk}: test top-1 {result['test_top1']:.4f}, top-{result['top5_k']} "
             f"{result['test_top5']:.4f} ({result['test_examples']:,} test, {result['classes']} classes); "
             f"l2 {result['chosen_l2']:g} chosen on {result['val_examples']:,} validation examples "
             f"(val top-1 {result['val_top1']:.4f})")
@@ -254,6 +272,10 @@ def define_probe_flags() -> None:
     flags.DEFINE_list("l2_grid", [f"{v:g}" for v in DEFAULT_L2_GRID], "L2 penalties to choose from.")
     flags.DEFINE_float("val_fraction", 0.2, "Share of the training data held out to choose the penalty.")
     flags.DEFINE_integer("max_iter", 1000, "L-BFGS iterations per fit, at most.")
+    flags.DEFINE_bool("recalibrate_bn", False, "Re-estimate the trunk's BatchNorm statistics on the training "
+                      "images (never the test images) before extracting features (mtss_train.recalibrate_bn).")
+    flags.DEFINE_integer("recalibrate_batches", recalibrate_bn.DEFAULT_BATCHES, "With --recalibrate_bn: "
+                         "batches of --batch_size training images (within --limit) to estimate them on, at most.")
 
 
 def probe_args_from_flags() -> dict:
@@ -264,7 +286,10 @@ def probe_args_from_flags() -> dict:
         raise MtssError(f"--l2_grid must be numbers, got {','.join(values.l2_grid)}") from None
     if not grid or min(grid) < 0:
         raise MtssError("--l2_grid needs at least one penalty >= 0")
-    return {"l2_grid": grid, "val_fraction": values.val_fraction, "seed": values.seed, "max_iter": values.max_iter}
+    if values.recalibrate_batches < 1:
+        raise MtssError(f"--recalibrate_batches must be positive, got {values.recalibrate_batches}")
+    return {"l2_grid": grid, "val_fraction": values.val_fraction, "seed": values.seed, "max_iter": values.max_iter,
+            "recalibrate_batches": values.recalibrate_batches if values.recalibrate_bn else None}
 
 
 def open_splits(train_path: str, test_path: str) -> tuple[LabelledData, LabelledData]:

@@ -3,15 +3,19 @@
     python -m mtss_train.eval.reproduce [--out runs/reproduce] [--seeds 0,1,2] [--steps N]
 
 Claim 1: each self-supervised task gives block3 a better representation than random init.
-Claim 2: a combination of tasks beats every task alone; two are trained, all four tasks and
-rp+ex (the tasks that apply to the grey probe images themselves). For each seed, one random
+Claim 2: a combination of tasks beats every task alone; three are trained: all four tasks,
+all four with the paper's harmonization and lasso (`--harmonize --lasso`), and rp+ex (the
+tasks that apply to the grey probe images themselves). For each seed, one random
 tiny slim ResNet-v2 trunk (the 101's code path with fewer units) is written as a checkpoint;
 every arm warm-starts from it and trains the same number of optimizer steps (the budget: a
 combination's steps are shared round-robin, so it gets no more updates than one task), then
 the linear probe of `mtss_train.eval.linear_probe` judges the random trunk and every trained
 one on the same Fashion-MNIST split (3x3 pooled block3, L2 chosen on a validation split of
-the training images, the test split scored once). Results: a table (mean +- std over seeds)
-on stdout and `results.json` in --out.
+the training images, the test split scored once). Every trunk is probed twice: with the
+BatchNorm statistics it was trained with, and with them re-estimated on the probe's training
+images (`mtss_train.recalibrate_bn`; a multi-task trunk's statistics average over every
+task's inputs). Results: a table of both columns (mean +- std over seeds) on stdout and
+`results.json` in --out.
 
 Unlabelled data. rp and ex read the 60,000 Fashion-MNIST training images (labels never read),
 enlarged to the probe's 96 px exactly as the probe enlarges them. Fashion-MNIST is grey, so
@@ -35,11 +39,12 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Mapping
 
 import cv2
 from absl import app, flags
 
-from mtss_train import checkpoints, loader
+from mtss_train import checkpoints, loader, recalibrate_bn
 from mtss_train.compat import tf
 from mtss_train.data.clip import sample_clip_masks
 from mtss_train.data.labelled import fit_square, read_idx
@@ -50,11 +55,27 @@ from mtss_train.eval import compare
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
 
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """Tasks pre-trained together, and trainer settings of this arm beyond TRAIN_FLAGS
+    (flag name -> value, as flags.json records them)."""
+
+    tasks: tuple[str, ...]
+    settings: Mapping[str, bool | int | float | str] = dataclasses.field(default_factory=dict)
+
+
 RANDOM_ARM = "random"
-# Two combinations: all four tasks (col and ms on their own data), and the tasks that apply
-# to the grey Fashion-MNIST images themselves.
-ARMS = {"rp": ("rp",), "col": ("col",), "ex": ("ex",), "ms": ("ms",), "rp+col+ex+ms": ("rp", "col", "ex", "ms"),
-        "rp+ex": ("rp", "ex")}
+# Three combinations: all four tasks (col and ms on their own data), plain and with the
+# paper's harmonization and lasso, and the tasks that apply to the grey Fashion-MNIST images
+# themselves. Names become directory names ('+' as '_').
+ALL_FOUR = ("rp", "col", "ex", "ms")
+ARMS = {"rp": Arm(("rp",)), "col": Arm(("col",)), "ex": Arm(("ex",)), "ms": Arm(("ms",)),
+        "rp+col+ex+ms": Arm(ALL_FOUR),
+        "rp+col+ex+ms-harm-lasso": Arm(ALL_FOUR, {"harmonize": True, "lasso": True}),
+        "rp+ex": Arm(("rp", "ex"))}
+# The two probes of every trunk: BatchNorm statistics as trained, and re-estimated.
+COLUMNS = ("plain", "recalibrated_bn")
 TARGET_GAIN = 0.04  # Issue 13: the best pre-trained trunk should beat random init by 4 points.
 TIMING_FILE = "reproduce_timing.json"  # In each train dir: how long its training took.
 IMAGE_SIZE = 96  # The tiny trunk's probe input side (features.DEFAULT_IMAGE_SIZE).
@@ -84,6 +105,9 @@ _FASHION_MNIST = flags.DEFINE_string("fashion_mnist", "/usr/share/datasets/fashi
 _UNLABELLED_LIMIT = flags.DEFINE_integer("unlabelled_limit", None, "Use the first N training images for pre-training.", lower_bound=1)
 _PROBE_LIMIT = flags.DEFINE_integer("probe_limit", 10_000, "Probe on the first N training and N test images.", lower_bound=1)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Peak learning rate of every arm (chosen on the probe's validation split, README).", lower_bound=0)
+_RECALIBRATE_BATCHES = flags.DEFINE_integer(
+    "recalibrate_batches", recalibrate_bn.DEFAULT_BATCHES, "The recalibrated column re-estimates BatchNorm "
+    "statistics on this many batches of 64 of the probe's training images, at most.", lower_bound=1)
 _TINY = flags.DEFINE_bool("tiny", False, "A check that everything runs: 4 steps, 300 unlabelled and 200 probe images, seed 0.")
 
 
@@ -97,6 +121,7 @@ class Plan:
     fashion_mnist: str
     unlabelled_limit: int | None
     probe_limit: int
+    recalibrate_batches: int
 
     @property
     def data_dir(self) -> str:
@@ -118,7 +143,7 @@ def plan_from_flags() -> Plan:
     if unknown or not _ARMS.value or not seeds:
         raise MtssError(f"--arms must name some of {', '.join(ARMS)} (got {','.join(_ARMS.value)}) and --seeds at least one")
     plan = Plan(os.path.abspath(_OUT.value), seeds, tuple(_ARMS.value), _STEPS.value, _LEARNING_RATE.value,
-                _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value)
+                _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value, _RECALIBRATE_BATCHES.value)
     if _TINY.value:
         plan = dataclasses.replace(plan, seeds=seeds[:1], steps=4, unlabelled_limit=300, probe_limit=200)
     return plan
@@ -182,12 +207,13 @@ def write_init_checkpoint(plan: Plan, seed: int) -> str:
 
 
 def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> list[str]:
-    tasks = ARMS[arm]
+    tasks = ARMS[arm].tasks
     command = [sys.executable, "-m", "mtss_train", f"--tasks={','.join(tasks)}", f"--trunk_size={TRUNK_SIZE}",
                f"--train_dir={plan.train_dir(arm, seed)}", f"--init_checkpoint={init}",
                f"--max_steps={plan.steps}", f"--seed={seed}", f"--learning_rate={plan.learning_rate}",
                f"--save_every_steps={max(plan.steps // 4, 1)}", f"--summary_every_steps={max(plan.steps // 10, 1)}",
-               f"--log_every_steps={max(plan.steps // 10, 1)}", *TRAIN_FLAGS]
+               f"--log_every_steps={max(plan.steps // 10, 1)}", *TRAIN_FLAGS,
+               *(f"--{key}={value}" for key, value in ARMS[arm].settings.items())]
     if "rp" in tasks or "ex" in tasks:
         command.append(f"--data={sources['fashion_mnist']}")
     if "col" in tasks:
@@ -210,9 +236,10 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
         return
     with open(path) as f:
         earlier = json.load(f)
-    wanted = {"max_steps": plan.steps, "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init}
+    wanted = {"max_steps": plan.steps, "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init,
+              **ARMS[arm].settings}
     found = {key: earlier.get(key) for key in wanted}
-    for task in ARMS[arm]:
+    for task in ARMS[arm].tasks:
         given = earlier.get("task_params", {}).get(task, {})
         for key, value in TASK_PARAMS[task].items():
             wanted[f"{task}.{key}"], found[f"{task}.{key}"] = str(value), given.get(key)
@@ -260,12 +287,14 @@ def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]
     return seconds
 
 
-def probe(plan: Plan, name: str, checkpoint: str, seed: int) -> dict:
-    """The linear probe's result for one trunk, on the plan's Fashion-MNIST split."""
+def probe(plan: Plan, name: str, checkpoint: str, seed: int, column: str) -> dict:
+    """The linear probe's result for one trunk, on the plan's Fashion-MNIST split; for the
+    `recalibrated_bn` column, BatchNorm statistics re-estimated on its training images."""
     train, test = linear_probe.open_splits(fashion_mnist_split(plan, "train"), fashion_mnist_split(plan, "t10k"))
     settings = feats.Settings(trunk_size=TRUNK_SIZE, grid=3, image_size=IMAGE_SIZE, seed=seed)
+    recalibrate_batches = plan.recalibrate_batches if column == "recalibrated_bn" else None
     result = linear_probe.run_probe(checkpoint, train, test, settings, plan.probe_limit,
-                                    os.path.join(plan.out, "feature_cache"), seed=seed,
+                                    os.path.join(plan.out, "feature_cache"), recalibrate_batches, seed=seed,
                                     l2_grid=linear_probe.DEFAULT_L2_GRID, val_fraction=0.2, max_iter=1000)
     print(f"    {name} seed {seed}: {linear_probe.summary(result)}", file=sys.stderr, flush=True)
     return result
@@ -276,61 +305,77 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(plan: Plan, runs: dict[str, dict[int, dict]]) -> dict:
-    """Per-arm means and the two claims' figures, from per-arm, per-seed probe results."""
+def summarise(plan: Plan, runs: dict[str, dict[int, dict]], train_seconds: dict[str, dict[int, float]]) -> dict:
+    """Per-arm means of both columns and the two claims' figures per column, from per-arm,
+    per-seed results (`runs[arm][seed][column]`, a probe result)."""
     arms = {}
     for arm, by_seed in runs.items():
-        top1 = [by_seed[s]["test_top1"] for s in plan.seeds]
-        mean, std = mean_std(top1)
-        arms[arm] = {"tasks": list(ARMS.get(arm, ())), "test_top1_mean": mean, "test_top1_std": std,
-                     "val_top1_mean": statistics.fmean(by_seed[s]["val_top1"] for s in plan.seeds),
-                     "train_seconds_mean": statistics.fmean(by_seed[s]["train_seconds"] for s in plan.seeds),
-                     "seeds": {str(s): by_seed[s] for s in plan.seeds}}
-    random_mean = arms[RANDOM_ARM]["test_top1_mean"]
-    singles = [a for a in plan.arms if len(ARMS[a]) == 1]
-    best_single = max(singles, key=lambda a: arms[a]["test_top1_mean"]) if singles else None
-    best = max(plan.arms, key=lambda a: arms[a]["test_top1_mean"])
-    claims = {
-        "best_arm": best, "best_gain_over_random": arms[best]["test_top1_mean"] - random_mean,
+        found = ARMS.get(arm, Arm(()))
+        arms[arm] = {"tasks": list(found.tasks), "trainer_settings": dict(found.settings),
+                     "train_seconds": {str(s): train_seconds[arm][s] for s in plan.seeds},
+                     "train_seconds_mean": statistics.fmean(train_seconds[arm][s] for s in plan.seeds)}
+        for column in COLUMNS:
+            mean, std = mean_std([by_seed[s][column]["test_top1"] for s in plan.seeds])
+            arms[arm][column] = {"test_top1_mean": mean, "test_top1_std": std,
+                                 "val_top1_mean": statistics.fmean(by_seed[s][column]["val_top1"] for s in plan.seeds),
+                                 "seeds": {str(s): by_seed[s][column] for s in plan.seeds}}
+    return {"arms": arms, "claims": {column: _claims(plan, arms, column) for column in COLUMNS}}
+
+
+def _claims(plan: Plan, arms: dict, column: str) -> dict:
+    """The claims' figures within one column (each arm against random init probed alike)."""
+    top1 = {arm: found[column]["test_top1_mean"] for arm, found in arms.items()}
+    singles = [a for a in plan.arms if len(ARMS[a].tasks) == 1]
+    best_single = max(singles, key=top1.get) if singles else None
+    best = max(plan.arms, key=top1.get)
+    return {
+        "best_arm": best, "best_gain_over_random": top1[best] - top1[RANDOM_ARM],
         "best_single_task": best_single,
-        "arms_beating_random": [a for a in plan.arms if arms[a]["test_top1_mean"] > random_mean],
+        "arms_beating_random": [a for a in plan.arms if top1[a] > top1[RANDOM_ARM]],
         "combination_minus_best_single": {
-            a: arms[a]["test_top1_mean"] - arms[best_single]["test_top1_mean"]
-            for a in plan.arms if len(ARMS[a]) > 1 and best_single},
+            a: top1[a] - top1[best_single] for a in plan.arms if len(ARMS[a].tasks) > 1 and best_single},
     }
-    return {"arms": arms, "claims": claims}
 
 
 def verdicts(summary: dict) -> str:
-    """The issue's targets against the figures: the best arm >= random + TARGET_GAIN, and a
-    combination >= the best single task (means over seeds)."""
-    claims = summary["claims"]
-    gain = claims["best_gain_over_random"]
-    lines = [f"claim 1: best arm {claims['best_arm']} {100 * gain:+.2f} pt over random (target "
-             f"+{100 * TARGET_GAIN:.0f}: {'met' if gain >= TARGET_GAIN else 'not met'}); beating random: "
-             f"{', '.join(claims['arms_beating_random']) or 'none'}"]
-    for arm, difference in claims["combination_minus_best_single"].items():
-        lines.append(f"claim 2: {arm} {100 * difference:+.2f} pt vs the best single task "
-                     f"{claims['best_single_task']} ({'met' if difference >= 0 else 'not met'})")
+    """The issue's targets against the figures, per column: the best arm >= random +
+    TARGET_GAIN, and a combination >= the best single task (means over seeds)."""
+    lines = []
+    for column, claims in summary["claims"].items():
+        gain = claims["best_gain_over_random"]
+        lines.append(f"{column}: claim 1: best arm {claims['best_arm']} {100 * gain:+.2f} pt over random (target "
+                     f"+{100 * TARGET_GAIN:.0f}: {'met' if gain >= TARGET_GAIN else 'not met'}); beating random: "
+                     f"{', '.join(claims['arms_beating_random']) or 'none'}")
+        for arm, difference in claims["combination_minus_best_single"].items():
+            lines.append(f"{column}: claim 2: {arm} {100 * difference:+.2f} pt vs the best single task "
+                         f"{claims['best_single_task']} ({'met' if difference >= 0 else 'not met'})")
     return "\n".join(lines)
 
 
 def table(summary: dict) -> str:
+    """One row per arm: test top-1 with BatchNorm statistics as trained and recalibrated,
+    each against random init probed the same way."""
     arms = summary["arms"]
-    random_mean = arms[RANDOM_ARM]["test_top1_mean"]
-    rows = [("arm", "test top-1 (mean +- std)", "vs random", "val top-1", "per seed", "train min")]
+    rows = [("arm", "plain top-1 (mean +- std)", "vs random", "recalibrated BN top-1", "vs random",
+             "per seed (plain / recal.)", "train min")]
     for arm, found in arms.items():
-        per_seed = " ".join(f"{r['test_top1']:.4f}" for r in found["seeds"].values())
-        gain = "" if arm == RANDOM_ARM else f"{100 * (found['test_top1_mean'] - random_mean):+.2f} pt"
-        rows.append((arm, f"{found['test_top1_mean']:.4f} +- {found['test_top1_std']:.4f}", gain,
-                     f"{found['val_top1_mean']:.4f}", per_seed, f"{found['train_seconds_mean'] / 60:.1f}"))
+        cells = []
+        for column in COLUMNS:
+            random_mean = arms[RANDOM_ARM][column]["test_top1_mean"]
+            mean = found[column]["test_top1_mean"]
+            cells += [f"{mean:.4f} +- {found[column]['test_top1_std']:.4f}",
+                      "" if arm == RANDOM_ARM else f"{100 * (mean - random_mean):+.2f} pt"]
+        per_seed = " ".join(f"{found['plain']['seeds'][s]['test_top1']:.4f}/"
+                            f"{found['recalibrated_bn']['seeds'][s]['test_top1']:.4f}" for s in found["train_seconds"])
+        rows.append((arm, *cells, per_seed, f"{found['train_seconds_mean'] / 60:.1f}"))
     return compare.aligned(rows)
 
 
 def budget_line(plan: Plan) -> str:
     return (f"budget: {plan.steps} optimizer steps per arm ({TRUNK_SIZE} trunk, learning rate "
             f"{plan.learning_rate:g}; a combination's steps are shared round-robin by its tasks); "
-            f"probe: first {plan.probe_limit:,} Fashion-MNIST training / test images, seeds "
+            f"probe: first {plan.probe_limit:,} Fashion-MNIST training / test images, BatchNorm as trained "
+            f"and re-estimated on at most {plan.recalibrate_batches} batches of those training images, seeds "
             f"{','.join(map(str, plan.seeds))}")
 
 
@@ -340,22 +385,25 @@ def main(argv: list[str]) -> None:
     plan = plan_from_flags()
     print(budget_line(plan), file=sys.stderr, flush=True)
     sources = {"fashion_mnist": write_unlabelled_images(plan), "colour": colour_image_dir(plan)}
-    runs: dict[str, dict[int, dict]] = {arm: {} for arm in (RANDOM_ARM, *plan.arms)}
+    names = (RANDOM_ARM, *plan.arms)
+    runs: dict[str, dict[int, dict]] = {arm: {} for arm in names}
+    train_seconds: dict[str, dict[int, float]] = {arm: {} for arm in names}
     jobs = [(arm, seed) for seed in plan.seeds for arm in plan.arms]
     start = time.monotonic()
     for seed in plan.seeds:
         init = write_init_checkpoint(plan, seed)
-        runs[RANDOM_ARM][seed] = {**probe(plan, RANDOM_ARM, init, seed), "train_seconds": 0.0}
+        runs[RANDOM_ARM][seed] = {column: probe(plan, RANDOM_ARM, init, seed, column) for column in COLUMNS}
+        train_seconds[RANDOM_ARM][seed] = 0.0
         for arm in plan.arms:
             done = sum(len(runs[a]) for a in plan.arms)
             elapsed = time.monotonic() - start
             eta = "" if not done else f", ETA {_clock(elapsed / done * (len(jobs) - done))}"
             print(f"[{done + 1}/{len(jobs)}] pre-training {arm} (seed {seed}), elapsed {_clock(elapsed)}{eta}",
                   file=sys.stderr, flush=True)
-            seconds = pretrain(plan, arm, seed, init, sources)
+            train_seconds[arm][seed] = pretrain(plan, arm, seed, init, sources)
             trained = checkpoints.latest(plan.train_dir(arm, seed))
-            runs[arm][seed] = {**probe(plan, arm, trained, seed), "train_seconds": seconds}
-    summary = summarise(plan, runs)
+            runs[arm][seed] = {column: probe(plan, arm, trained, seed, column) for column in COLUMNS}
+    summary = summarise(plan, runs, train_seconds)
     result = {"budget": budget_line(plan), "plan": {**dataclasses.asdict(plan), "task_params": TASK_PARAMS,
                                                      "train_flags": list(TRAIN_FLAGS)}, **summary}
     path = os.path.join(plan.out, "results.json")
