@@ -155,7 +155,7 @@ def drop_skipped(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
         def warn() -> tf.Tensor:
             # To stderr: TF's C++ log, which absl's warning would go to, hides warnings here
-            # (TF_CPP_MIN_LOG_LEVEL=2, see mtss_train.cli).
+            # (TF_CPP_MIN_LOG_LEVEL=2, see mtss_train.startup).
             line = tf.strings.join(["warning: skipping ", key, ": ", reason])
             with tf.control_dependencies([tf.print(line, output_stream=sys.stderr)]):
                 return tf.constant(False)

@@ -30,7 +30,7 @@ Of the ~55 ms per 320x240 frame, DIS flow (both ways) takes ~25 ms and SLIC ~22 
 scale with the pixel count.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
 
 import dataclasses
 import json

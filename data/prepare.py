@@ -19,7 +19,7 @@ for batch pipelines, named here because DirectRunner first tries to download (fr
 and start the Prism runner, which ignores `--direct_num_workers`.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
 
 import argparse
 import dataclasses

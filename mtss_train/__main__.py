@@ -21,22 +21,22 @@ if __name__ == "__main__":
     # traceback; `run` hands SIGINT back to Python (KeyboardInterrupt) once imports are done.
     signal.signal(signal.SIGINT, _interrupted_while_importing)
 
-from mtss_train import cli  # noqa: F401, E402  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401, E402  First: quiets TensorFlow's start-up logs.
 
 import dataclasses  # noqa: E402
 import shutil  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from mtss_train import trunk  # noqa: E402
+from mtss_train.model import trunk  # noqa: E402
 from mtss_train.compat import tf  # noqa: E402
-from mtss_train.config import (LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig,  # noqa: E402
+from mtss_train.train.config import (LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig,  # noqa: E402
                                build_tasks)
 from mtss_train.configs import expand_config  # noqa: E402
-from mtss_train.distribution import serve_if_server  # noqa: E402
+from mtss_train.train.distribution import serve_if_server  # noqa: E402
 from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, cli_main, ctrl_c_wins, raise_keyboard_interrupt  # noqa: E402
 from mtss_train.task import task_class  # noqa: E402
-from mtss_train.trainer import Trainer  # noqa: E402
+from mtss_train.train.trainer import Trainer  # noqa: E402
 
 
 def _default(name: str):

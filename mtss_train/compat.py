@@ -21,7 +21,7 @@ import os
 import sys
 
 # The one piece of process-wide state the library sets: without it nothing works (above).
-# Log levels and warning filters are the programs' business (mtss_train.cli).
+# Log levels and warning filters are the programs' business (mtss_train.startup).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 _MOVED_MODULES = ("legacy_tf_layers", "legacy_tf_layers.normalization")

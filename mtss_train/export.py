@@ -20,7 +20,7 @@ Signatures (also callable as `model.uint8_rgb(images)` / `model.float_rgb(images
 `DIR/assets.extra/mtss_export.json` records the checkpoint, trunk and stride.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import json
 import os
@@ -29,7 +29,8 @@ import shutil
 import numpy as np
 from absl import app, flags, logging
 
-from mtss_train import loader, trunk
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.eval.features import Settings, Trunk

@@ -25,10 +25,11 @@ TF2, a block3 feature extractor:
 
 from typing import Callable, Iterable
 
-from mtss_train import checkpoints, trunk
-from mtss_train.checkpoints import RestoreReport, TensorSpec
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.model import trunk
+from mtss_train.ckpt.checkpoint_files import RestoreReport, TensorSpec
 from mtss_train.compat import tf
-from mtss_train.slim_layer import SlimLayer, slim_name
+from mtss_train.model.slim_layer import SlimLayer, slim_name
 
 
 def graph_restore_fn(
@@ -58,7 +59,7 @@ def graph_restore_fn(
         name: TensorSpec(tuple(v.shape.as_list()), v.dtype.base_dtype.name)
         for name, v in by_name.items()
     }
-    report = checkpoints.match(wanted, checkpoint, exclude_scopes)
+    report = checkpoint_files.match(wanted, checkpoint, exclude_scopes)
     report.require(required_scopes)
     saver = tf.compat.v1.train.Saver(var_list={n: by_name[n] for n in report.matched})
 
@@ -102,7 +103,7 @@ def load_feature_extractor(
       CheckpointError: unreadable checkpoint, or any trunk variable missing / misshaped.
     """
     layer = trunk_layer(size, output_stride)
-    report = checkpoints.restore_variables(
+    report = checkpoint_files.restore_variables(
         layer.variables_by_name(), checkpoint, required_scopes=trunk.TRUNK_SCOPES
     )
     return FeatureExtractor(layer, report)

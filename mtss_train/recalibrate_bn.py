@@ -23,7 +23,7 @@ result is exactly the statistics the recalibrated trunk then meets in inference.
 
 Every other tensor of the checkpoint (weights, head variables and their statistics,
 optimizer slots, global_step) is copied bit for bit, and the result is written by
-`mtss_train.checkpoints.save` (atomic) into OUT_DIR under the input's name and step, so the
+`mtss_train.ckpt.checkpoint_files.save` (atomic) into OUT_DIR under the input's name and step, so the
 bundled loader and the released README's recipe restore it as before. OUT_DIR must hold no
 checkpoint yet: a recalibrated checkpoint never replaces one.
 
@@ -35,7 +35,7 @@ of encoded images). Library use:
     write_checkpoint(checkpoint, statistics.values, out_dir)
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import dataclasses
 import hashlib
@@ -48,14 +48,16 @@ from typing import Callable, Mapping
 import numpy as np
 from absl import app, flags
 
-from mtss_train import checkpoints, loader, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.data.files import is_tfrecord
 from mtss_train.data.images import IMAGE_EXTENSIONS, TFRECORD_IMAGE_KEY, decode_rgb, find_sources, read_file
 from mtss_train.data.labelled import LabelledData, fit_square, open_labelled
 from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
 from mtss_train.eval import features as feats
-from mtss_train.slim_layer import slim_name
+from mtss_train.model.slim_layer import slim_name
 
 DEFAULT_BATCHES = 100
 DEFAULT_BATCH_SIZE = 64
@@ -230,7 +232,7 @@ def recalibrate(
       DataError: fewer usable images than one batch.
     """
     if isinstance(weights, str):
-        weights = checkpoints.resolve(weights)
+        weights = checkpoint_files.resolve(weights)
         trunk_size = trunk_size or feats.detect_trunk_size(weights) or "101"
     elif trunk_size is None:
         raise ValueError("recalibrate needs trunk_size when given weights rather than a checkpoint")
@@ -291,9 +293,9 @@ def write_checkpoint(checkpoint: str, statistics: Mapping[str, np.ndarray], out_
       CheckpointError: the checkpoint is unreadable or lacks a tensor of `statistics`, or
         the write failed. MtssError: `out_dir` is a file or already holds a checkpoint.
     """
-    prefix = checkpoints.resolve(checkpoint)
+    prefix = checkpoint_files.resolve(checkpoint)
     check_out_dir(out_dir)
-    tensors = checkpoints.read_tensors(prefix)
+    tensors = checkpoint_files.read_tensors(prefix)
     for name, value in statistics.items():
         if name not in tensors or tensors[name].shape != np.shape(value):
             found = tensors[name].shape if name in tensors else "no such tensor"
@@ -302,14 +304,14 @@ def write_checkpoint(checkpoint: str, statistics: Mapping[str, np.ndarray], out_
         tensors[name] = np.asarray(value, tensors[name].dtype)
     numbered = re.fullmatch(r"(.+)-(\d+)", os.path.basename(prefix))
     basename, step = (numbered.group(1), int(numbered.group(2))) if numbered else (os.path.basename(prefix), 0)
-    return checkpoints.save(out_dir, tensors, step, basename=basename)
+    return checkpoint_files.save(out_dir, tensors, step, basename=basename)
 
 
 def check_out_dir(out_dir: str) -> None:
     """Raises MtssError unless `out_dir` can take a new checkpoint without replacing one."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise MtssError(f"{out_dir} is a file; the recalibrated checkpoint goes into a directory")
-    existing = checkpoints.latest(out_dir)
+    existing = checkpoint_files.latest(out_dir)
     if existing:
         raise MtssError(f"{out_dir} already holds checkpoint {existing}; write the recalibrated one to a new directory")
 
@@ -359,7 +361,7 @@ def main(argv: list[str]) -> None:
     for name in ("batches", "batch_size", "image_size"):
         if values[name].value is not None and values[name].value < 1:
             raise MtssError(f"--{name} must be positive, got {values[name].value}")
-    prefix = checkpoints.resolve(values.checkpoint)
+    prefix = checkpoint_files.resolve(values.checkpoint)
     held = feats.detect_trunk_size(prefix)
     size = values.trunk_size or held or "101"
     if held and held != size:

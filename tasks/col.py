@@ -48,7 +48,7 @@ import dataclasses
 
 import numpy as np
 
-from mtss_train import colorspace
+from mtss_train.model import colorspace
 from mtss_train.compat import slim, tf
 from mtss_train.data.source import Source
 from mtss_train.errors import DataError, MtssError

@@ -42,7 +42,7 @@ import functools
 
 import numpy as np
 
-from mtss_train import colorspace
+from mtss_train.model import colorspace
 from mtss_train.compat import tf
 
 GRID_STEP = 10.0

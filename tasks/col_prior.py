@@ -28,7 +28,7 @@ from typing import Callable, TextIO
 import numpy as np
 from absl import app, flags, logging
 
-from mtss_train import colorspace
+from mtss_train.model import colorspace
 from mtss_train.compat import tf
 from mtss_train.data import clip
 from mtss_train.data.files import write_atomically

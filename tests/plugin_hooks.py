@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from mtss_train import trunk
+from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.data.images import decode_rgb, read_file
 from mtss_train.data.source import SkipCounter

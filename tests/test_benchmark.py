@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from mtss_train.benchmarks import anchors, pipelines, scaling
-from mtss_train.benchmarks.timing import Sample, interleaved_rounds, ratios, spread
+from mtss_train.benchmark import anchors, pipelines, scaling
+from mtss_train.benchmark.timing import Sample, interleaved_rounds, ratios, spread
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.train.config import TrainConfig
 from mtss_train.errors import MtssError
 
 SPREAD_KEYS = {"median", "min", "max"}

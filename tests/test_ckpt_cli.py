@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mtss_train import checkpoints, ckpt
+from mtss_train.ckpt import checkpoint_files, inspector
 from conftest import assert_one_line_error, run_cli
 
 
@@ -9,11 +9,11 @@ from conftest import assert_one_line_error, run_cli
 def tiny_checkpoint(tmp_path, tiny_trunk):
     values = dict(tiny_trunk.variables_by_name())
     values["rp_head/fc8/weights"] = np.zeros([4, 8], np.float32)
-    return checkpoints.save(str(tmp_path / "run"), values, step=5)
+    return checkpoint_files.save(str(tmp_path / "run"), values, step=5)
 
 
 def test_ls_lists_names_dtypes_shapes_and_totals(tiny_checkpoint, tiny_trunk):
-    listing = ckpt.list_checkpoint(tiny_checkpoint)
+    listing = inspector.list_checkpoint(tiny_checkpoint)
     assert "resnet_v2_101/conv1/weights" in listing
     line = next(l for l in listing.splitlines() if l.startswith("rp_head/fc8/weights"))
     assert line.split()[1:] == ["float32", "[4,", "8]"]
@@ -22,8 +22,8 @@ def test_ls_lists_names_dtypes_shapes_and_totals(tiny_checkpoint, tiny_trunk):
 
 
 def test_diff_against_the_trunk_it_was_made_from(tiny_checkpoint, tiny_trunk):
-    report = ckpt.diff_specs(
-        checkpoints.read_specs(tiny_checkpoint), ckpt.trunk_specs("tiny"), "A", "trunk"
+    report = inspector.diff_specs(
+        checkpoint_files.read_specs(tiny_checkpoint), inspector.trunk_specs("tiny"), "A", "trunk"
     )
     assert f"{len(tiny_trunk.variables_by_name())} identical names/shapes/dtypes" in report
     assert "1 only in A:\n  rp_head/..." in report
@@ -31,12 +31,12 @@ def test_diff_against_the_trunk_it_was_made_from(tiny_checkpoint, tiny_trunk):
 
 
 def test_diff_suggests_excludes_for_shape_mismatches():
-    spec = checkpoints.TensorSpec
+    spec = checkpoint_files.TensorSpec
     left = {"net/a/w": spec((1,), "float32"), "net/b/w": spec((2,), "float32"),
             "net/b/v": spec((3,), "float32"), "head/w": spec((1,), "float32")}
     right = {"net/a/w": spec((1,), "float32"), "net/b/w": spec((5,), "float32"),
              "net/b/v": spec((4,), "float32"), "other/w": spec((1,), "float32")}
-    report = ckpt.diff_specs(left, right, "A", "B")
+    report = inspector.diff_specs(left, right, "A", "B")
     assert "net/b/w: A float32[2] vs B float32[5]" in report
     assert report.splitlines()[-1] == "suggested: --exclude_scopes=net/b"
 
@@ -59,7 +59,7 @@ def make_bad_checkpoint_path(kind, directory):
     if kind == "not-a-checkpoint":
         (directory / "notes.txt").write_text("not a checkpoint")
         return directory / "notes.txt"
-    prefix = checkpoints.save(str(directory), {"x": np.zeros([4096], np.float32)}, 5)
+    prefix = checkpoint_files.save(str(directory), {"x": np.zeros([4096], np.float32)}, 5)
     with open(prefix + ".data-00000-of-00001", "r+b") as f:
         f.truncate(100)
     return prefix

@@ -15,16 +15,17 @@ import skimage.data
 from absl import flags
 
 from conftest import assert_one_line_error, run_cli
-from mtss_train import checkpoints, loader
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig, build_tasks
+from mtss_train.train.config import TrainConfig, build_tasks
 from mtss_train.errors import DataError, MtssError
 from mtss_train.task import make_config, task_class
 from mtss_train.tasks import col_encoding as encoding
 from mtss_train.tasks import col_prior
 from mtss_train.tasks.col import Colorization
 from mtss_train.tasks.col_prior import load_prior
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 from test_train import summary_tags
 
 SMALL = {"crop": "64", "resize_side": "80", "head_width": "16", "prior": "uniform"}
@@ -514,7 +515,7 @@ def test_trains_next_to_rp_and_its_checkpoint_restores(tmp_path):
     assert "col: loss" in run.stderr and "ab_error" in run.stderr
     tags = summary_tags(tmp_path / "logs")
     assert {"train/col/loss", "train/col/accuracy", "train/col/ab_error", "col/grey_prediction_truth"} <= tags
-    names = checkpoints.read_specs(str(tmp_path))
+    names = checkpoint_files.read_specs(str(tmp_path))
     assert {"col_head/logits/weights", "col_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
     extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
     assert not extractor.report.missing_in_checkpoint

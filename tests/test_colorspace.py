@@ -5,7 +5,7 @@ import pytest
 import skimage.color
 import skimage.data
 
-from mtss_train import colorspace
+from mtss_train.model import colorspace
 from mtss_train.compat import tf
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "immunohistochemistry")

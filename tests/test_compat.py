@@ -34,12 +34,12 @@ def test_importing_the_library_leaves_log_levels_and_warning_filters_alone():
         "import os, warnings\n"
         "import tensorflow\n"
         "environment = dict(os.environ)\n"
-        "import mtss_train.trainer, mtss_train.tasks, mtss_train.loader\n"
+        "import mtss_train.train.trainer, mtss_train.tasks, mtss_train.loader\n"
         "added = sorted(set(os.environ) - set(environment))\n"
         "assert added == ['TF_USE_LEGACY_KERAS'], added\n"
         "ours = [f for f in warnings.filters if f[1] is not None and 'layer' in f[1].pattern]\n"
         "assert not ours, ours\n"
-        "import mtss_train.cli\n"  # The programs' settings, for contrast.
+        "import mtss_train.startup\n"  # The programs' settings, for contrast.
         "assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '2'\n"
         "assert [f for f in warnings.filters if f[1] is not None and 'layer' in f[1].pattern]\n"
     )

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import cli_env
-from mtss_train import checkpoints
+from mtss_train.ckpt import checkpoint_files
 
 LAUNCHER = os.path.join(os.path.dirname(__file__), "..", "launch", "local_workers.py")
 sys.path.insert(0, os.path.dirname(LAUNCHER))
@@ -35,8 +35,8 @@ def test_two_workers_train_and_the_chief_checkpoints(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"checkpoint:      {tmp_path}/model.ckpt-4" in run.stdout
     assert "step 4/4  rp: loss" in open(tmp_path / "worker-1.log").read()
-    latest = checkpoints.latest(str(tmp_path))
-    assert int(checkpoints.read_tensors(latest, ["global_step"])["global_step"]) == 4
+    latest = checkpoint_files.latest(str(tmp_path))
+    assert int(checkpoint_files.read_tensors(latest, ["global_step"])["global_step"]) == 4
     assert "Collective all_reduce" not in run.stderr  # Per-step tf.distribute chatter is muted.
 
 
@@ -78,7 +78,7 @@ def progress_steps(log_path) -> list[int]:
 
 
 def saved_step(train_dir) -> int:
-    return int(checkpoints.read_tensors(checkpoints.latest(str(train_dir)), ["global_step"])["global_step"])
+    return int(checkpoint_files.read_tensors(checkpoint_files.latest(str(train_dir)), ["global_step"])["global_step"])
 
 
 @pytest.mark.parametrize("target", [1, 0], ids=["worker", "chief"])
@@ -114,7 +114,7 @@ def test_sigterm_to_one_worker_stops_every_worker_at_one_saved_step_and_the_job_
 VOTES = """
 import json, os, signal, time
 from mtss_train.compat import tf
-from mtss_train.distribution import signal_vote
+from mtss_train.train.distribution import signal_vote
 
 vote = signal_vote(tf.distribute.MultiWorkerMirroredStrategy())
 index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
@@ -154,9 +154,10 @@ def test_the_workers_vote_on_the_signals_each_received():
 TWO_CPUS = """
 import glob, json, os, shutil, sys
 import numpy as np
-from mtss_train import checkpoints, trainer
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.train import trainer
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.train.config import TrainConfig
 from mtss_train.errors import MtssError
 
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -179,7 +180,7 @@ def losses(train_dir):  # Each step's rp loss, as TensorBoard holds it (a summar
     return [found[step] for step in sorted(found)]
 
 def relative_differences(a, b):  # Max over the tensors of two checkpoints of max |a - b| / max |a|.
-    a, b = checkpoints.read_tensors(a), checkpoints.read_tensors(b)
+    a, b = checkpoint_files.read_tensors(a), checkpoint_files.read_tensors(b)
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     differences = {"model": 0.0, "optimizer": 0.0}
     for name in a:
@@ -239,10 +240,10 @@ for strategy in ("default", "mirrored"):
 for kind in ("bn", "frozen"):
     report[f"weights-{kind}"] = relative_differences(f"{root}/default-{kind}/model.ckpt-4",
                                                      f"{root}/mirrored-{kind}/model.ckpt-4")
-warm = checkpoints.read_tensors(f"{root}/default-bn/model.ckpt-4")
+warm = checkpoint_files.read_tensors(f"{root}/default-bn/model.ckpt-4")
 statistics = [k for k in warm if "/moving_" in k]
 report["statistics-kept"] = all(
-    np.array_equal(checkpoints.read_tensors(f"{root}/{strategy}-frozen/model.ckpt-4", statistics)[k], warm[k])
+    np.array_equal(checkpoint_files.read_tensors(f"{root}/{strategy}-frozen/model.ckpt-4", statistics)[k], warm[k])
     for strategy in ("default", "mirrored") for k in statistics)
 print(json.dumps(report))
 """
@@ -278,7 +279,7 @@ def resume(name, strategy, max_steps):  # Fine-tuning, slowly enough for a smoot
     run = trainer.Trainer(tiny_rp(f"{root}/{name}", max_steps=max_steps, strategy=strategy, freeze_batch_norm=True,
                                   learning_rate=1e-4))
     start = run.prepare()
-    saved = checkpoints.read_tensors(checkpoints.latest(f"{root}/{name}"))
+    saved = checkpoint_files.read_tensors(checkpoint_files.latest(f"{root}/{name}"))
     restored = {k: [np.array_equal(x, saved[k]) for x in run.strategy.experimental_local_results(v)]
                 for k, v in run.state.variables().items()}
     per_replica = [int(b["label"].shape[0])
@@ -287,7 +288,7 @@ def resume(name, strategy, max_steps):  # Fine-tuning, slowly enough for a smoot
     report[f"{name}-{strategy}"] = {
         "start": start, "restored": all(all(v) for v in restored.values()), "per_replica": per_replica,
         "iterations": int(run.state.optimizer.iterations.numpy()), "last": os.path.basename(last),
-        "global_step": int(checkpoints.read_tensors(last, ["global_step"])["global_step"]),
+        "global_step": int(checkpoint_files.read_tensors(last, ["global_step"])["global_step"]),
         "losses": losses(f"{root}/{name}"),
     }
 

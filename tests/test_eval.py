@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from mtss_train import checkpoints, loader, recalibrate_bn
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader, recalibrate_bn
 from mtss_train.compat import tf
 from mtss_train.data.labelled import TFRECORD_LABEL_KEY, fit_square, open_labelled, read_idx
 from mtss_train.errors import CheckpointError, DataError
@@ -75,7 +76,7 @@ def tiny_ckpt(tmp_path_factory):
     tf.random.set_seed(7)
     values = dict(loader.trunk_layer("tiny").variables_by_name())
     values.update({"rp_head/fc8/weights": np.ones([4, 8], np.float32), "global_step": np.int64(1)})
-    return checkpoints.save(str(tmp_path_factory.mktemp("ckpt")), values, step=1)
+    return checkpoint_files.save(str(tmp_path_factory.mktemp("ckpt")), values, step=1)
 
 
 # Labelled readers.

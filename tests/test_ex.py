@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 
 from conftest import cli_env
-from mtss_train import checkpoints, loader
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.train.config import TrainConfig
 from mtss_train.data.images import image_source
 from mtss_train.errors import MtssError
 from mtss_train.task import make_config, task_class
 from mtss_train.tasks import ex
 from mtss_train.tasks.ex import Exemplar
 from mtss_train.tasks.ex_augment import Augmentation
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 from test_train import summary_tags
 
 SMALL = {"crop_size": "32", "head_width": "16", "embedding_dim": "8"}
@@ -370,7 +371,7 @@ def test_trains_next_to_rp_and_its_checkpoint_restores(tmp_path):
     Trainer(config).train()
     tags = summary_tags(tmp_path / "logs")
     assert {"train/ex/loss", "train/ex/retrieval_accuracy", "train/ex/triplets_meeting_margin", "ex/views"} <= tags
-    names = checkpoints.read_specs(str(tmp_path))
+    names = checkpoint_files.read_specs(str(tmp_path))
     assert {"ex_head/embed/weights", "ex_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
     extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
     assert not extractor.report.missing_in_checkpoint

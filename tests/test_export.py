@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from mtss_train import checkpoints, export, loader
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import export, loader
 from mtss_train.compat import tf
 from mtss_train.errors import MtssError
 from conftest import assert_one_line_error, cli_env, run_cli
@@ -41,7 +42,7 @@ def trained_tiny_checkpoint(tmp_path_factory):
     for name, variable in layer.variables_by_name().items():
         if "moving_" in name:
             variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype(np.float32))
-    return checkpoints.save(str(tmp_path_factory.mktemp("run")), layer.variables_by_name(), step=4)
+    return checkpoint_files.save(str(tmp_path_factory.mktemp("run")), layer.variables_by_name(), step=4)
 
 
 def test_saved_model_matches_the_loader_in_a_process_without_mtss_train(trained_tiny_checkpoint, tmp_path):

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from tf_slim.nets import resnet_v2
 
-from mtss_train import checkpoints, loader, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.errors import CheckpointError
 
@@ -34,7 +36,7 @@ def test_our_checkpoint_restores_the_readme_way_with_identical_block3(tmp_path, 
     # Non-trivial BN statistics, so a restore that skips them would show.
     tf.function(lambda x: layer(x, training=True))(trunk.vgg_preprocess(images))
     expected = layer(trunk.vgg_preprocess(images), training=False)[0].numpy()
-    checkpoints.save(str(tmp_path), layer.variables_by_name(), step=1)
+    checkpoint_files.save(str(tmp_path), layer.variables_by_name(), step=1)
 
     features, report = readme_graph_block3(str(tmp_path), images)
 
@@ -72,7 +74,7 @@ def test_a_plain_slim_checkpoint_loads_into_the_tf2_extractor(tmp_path, images):
 
 
 def test_tiny_round_trip_through_tf1_graph(tmp_path, tiny_trunk, images):
-    checkpoints.save(str(tmp_path), tiny_trunk.variables_by_name(), step=3)
+    checkpoint_files.save(str(tmp_path), tiny_trunk.variables_by_name(), step=3)
     with tf.Graph().as_default():
         inputs = tf.compat.v1.placeholder(tf.float32, [None, 64, 64, 3])
         with slim.arg_scope(trunk.trunk_arg_scope()):
@@ -90,7 +92,7 @@ def test_tiny_round_trip_through_tf1_graph(tmp_path, tiny_trunk, images):
 def test_graph_helper_fails_loudly_when_a_trunk_variable_is_missing(tmp_path, tiny_trunk):
     values = tiny_trunk.variables_by_name()
     dropped = "resnet_v2_101/block2/unit_1/bottleneck_v2/conv2/weights"
-    checkpoints.save(str(tmp_path), {n: v for n, v in values.items() if n != dropped}, step=1)
+    checkpoint_files.save(str(tmp_path), {n: v for n, v in values.items() if n != dropped}, step=1)
     with tf.Graph().as_default():
         with slim.arg_scope(trunk.trunk_arg_scope()):
             trunk.resnet_v2_101_block3(
@@ -103,12 +105,12 @@ def test_graph_helper_fails_loudly_when_a_trunk_variable_is_missing(tmp_path, ti
 
 
 def test_extractor_rejects_a_checkpoint_of_another_trunk_size(tmp_path, tiny_trunk):
-    checkpoints.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
+    checkpoint_files.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
     with pytest.raises(CheckpointError, match="required variable"):
         loader.load_feature_extractor(str(tmp_path), size="101")
 
 
 def test_extractor_on_tiny_checkpoint_gives_block3(tmp_path, tiny_trunk, images):
-    checkpoints.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
+    checkpoint_files.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
     extractor = loader.load_feature_extractor(str(tmp_path), size="tiny", output_stride=16)
     assert extractor(images.astype(np.uint8)).shape == (2, 4, 4, 128)

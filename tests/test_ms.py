@@ -361,8 +361,8 @@ def scenes(tmp_path_factory) -> dict[str, str]:
 def test_ms_beats_the_all_background_predictor_on_held_out_frames(tmp_path, scenes):
     """A test-sized run (tiny trunk, 60 steps of 16 crops at 96 px: 6x6 logits) learns to
     segment the disks of frames it never saw. Evaluated in inference mode on fixed batches."""
-    from mtss_train.config import TrainConfig
-    from mtss_train.trainer import EVAL_SEED, Trainer
+    from mtss_train.train.config import TrainConfig
+    from mtss_train.train.trainer import EVAL_SEED, Trainer
 
     ms = {"data": scenes["train"], "eval_data": scenes["held_out"], "crop": "96", "batch_size": "16",
           "head_width": "32", "min_scale": "0.7"}
@@ -390,7 +390,8 @@ def test_ms_beats_the_all_background_predictor_on_held_out_frames(tmp_path, scen
 @pytest.mark.slow
 def test_rp_and_ms_train_together_and_the_trunk_restores(tmp_path, scenes):
     from conftest import run_cli
-    from mtss_train import checkpoints, loader
+    from mtss_train.ckpt import checkpoint_files
+    from mtss_train import loader
 
     run = run_cli("mtss_train", "--train_dir", str(tmp_path), "--smoke", "--tasks", "rp,ms", "--max_steps", "4",
                   "--summary_every_steps", "2", "--task_param", "rp.batch_size=2", "--task_param", "ms.batch_size=2",
@@ -399,7 +400,7 @@ def test_rp_and_ms_train_together_and_the_trunk_restores(tmp_path, scenes):
     assert "ms: loss" in run.stderr and "iou" in run.stderr
     tags = summary_tags(tmp_path / "logs")
     assert {"train/ms/iou", "train/ms/pooled_iou", "train/ms/pixel_accuracy", "ms/frame_predicted_target", "train/rp/loss"} <= tags
-    names = checkpoints.read_specs(str(tmp_path))
+    names = checkpoint_files.read_specs(str(tmp_path))
     assert {"ms_head/logits/weights", "ms_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
     extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
     assert not extractor.report.missing_in_checkpoint and "ms_head/logits/weights" in extractor.report.unused_in_checkpoint

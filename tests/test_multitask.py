@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from mtss_train import checkpoints, colorspace, export, lasso, loader, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.model import colorspace, lasso, trunk
+from mtss_train import export, loader
 from mtss_train.configs import expand_config, shipped_configs
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig, build_tasks, resolved
+from mtss_train.train.config import TrainConfig, build_tasks, resolved
 from mtss_train.errors import MtssError
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 from test_train import summary_tags
 
 TESTS = os.path.dirname(__file__)
@@ -100,7 +102,7 @@ def test_lasso_penalty_concentrates_the_mix_on_few_depths(tmp_path):
     assert shares[1.0].max() > 0.8 and shares[1.0].max() > shares[0.0].max() + 0.3, shares  # The penalty selects.
     run_dir = tmp_path / "1.0"
     assert {"lasso/rp", "lasso/rp/top_quarter_share", "lasso/alpha_task_by_unit"} <= summary_tags(run_dir / "logs")
-    names = checkpoints.read_specs(str(run_dir))
+    names = checkpoint_files.read_specs(str(run_dir))
     assert {"rp_head/lasso/alpha", "rp_head/lasso/unit_4/moving_mean"} <= set(names)
     extractor = loader.load_feature_extractor(str(run_dir), size="tiny")  # Plain block3, as released.
     assert not extractor.report.missing_in_checkpoint
@@ -142,7 +144,7 @@ def test_every_shipped_configuration_parses_and_trains_a_smoke_step(tmp_path, na
     resolved = json.load(open(tmp_path / "flags.json"))
     assert ",".join(resolved["tasks"]) in name.replace("_", ",") and resolved["trunk_size"] == "tiny"
     assert resolved["harmonize"] == resolved["lasso"] == name.endswith("harmonized_lasso")
-    assert checkpoints.latest(str(tmp_path)).endswith("model.ckpt-1")
+    assert checkpoint_files.latest(str(tmp_path)).endswith("model.ckpt-1")
 
 
 def test_an_unknown_configuration_lists_the_shipped_ones(tmp_path):

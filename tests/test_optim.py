@@ -9,7 +9,7 @@ import pytest
 
 from conftest import cli_env
 from mtss_train.compat import tf, tf_keras
-from mtss_train.optim import FusedRMSprop
+from mtss_train.train.optim import FusedRMSprop
 from tf_keras.src.mixed_precision import autocast_variable  # noqa: E402  After compat.
 
 FUSED_OP = "ResourceApplyRMSProp"

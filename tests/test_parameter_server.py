@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, cli_env, run_cli
-from mtss_train import checkpoints, loader
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
 from mtss_train.data import sample
 from test_distributed import LAUNCHER, launch, launched, local_workers, progress_steps, saved_step, wait_for
 
@@ -37,8 +38,8 @@ def photos(tmp_path):
 
 
 def head_weights(prefix: str, scope: str) -> dict[str, np.ndarray]:
-    names = [n for n in checkpoints.read_specs(prefix) if n.startswith(scope) and "/weights" in n]
-    return checkpoints.read_tensors(prefix, names)
+    names = [n for n in checkpoint_files.read_specs(prefix) if n.startswith(scope) and "/weights" in n]
+    return checkpoint_files.read_tensors(prefix, names)
 
 
 def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_that_one_process_resumes(tmp_path, photos):
@@ -54,7 +55,7 @@ def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_th
     assert any(f"warning: skipping {photos / 'broken.jpg'}: not a decodable image" in log for log in worker_logs)
 
     first, last = (str(train_dir / f"model.ckpt-{step}") for step in (3, 6))
-    assert int(checkpoints.read_tensors(last, ["global_step"])["global_step"]) == 6
+    assert int(checkpoint_files.read_tensors(last, ["global_step"])["global_step"]) == 6
     for scope in ("rp_head/", "ex_head/", "resnet_v2_101/"):  # Both tasks' steps reached the parameter server.
         before, after = head_weights(first, scope), head_weights(last, scope)
         assert before and any(not np.array_equal(before[n], after[n]) for n in before), scope
@@ -66,7 +67,7 @@ def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_th
                     "--max_steps", "8", "--save_every_steps", "3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training rp, ex from step 6 to 8" in again.stderr
-    assert int(checkpoints.read_tensors(checkpoints.latest(str(train_dir)), ["global_step"])["global_step"]) == 8
+    assert int(checkpoint_files.read_tensors(checkpoint_files.latest(str(train_dir)), ["global_step"])["global_step"]) == 8
 
 
 @pytest.mark.parametrize("target, signum", [("chief", signal.SIGTERM), ("group", signal.SIGINT)],

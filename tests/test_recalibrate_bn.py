@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from tf_slim.nets import resnet_v2
 
-from mtss_train import checkpoints, loader, recalibrate_bn as rb, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader, recalibrate_bn as rb
+from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.errors import CheckpointError, DataError, MtssError
-from mtss_train.slim_layer import SlimLayer
+from mtss_train.model.slim_layer import SlimLayer
 from conftest import assert_one_line_error, run_cli
 
 SIZE = 64
@@ -48,7 +50,7 @@ def training_checkpoint(trunk_values, tmp_path_factory):
         .astype(np.float32),
         "global_step": np.int64(1500),
     }
-    return checkpoints.save(str(tmp_path_factory.mktemp("train")), {**trunk_values, **extra}, step=1500)
+    return checkpoint_files.save(str(tmp_path_factory.mktemp("train")), {**trunk_values, **extra}, step=1500)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_only_the_trunk_statistics_change_and_the_readme_recipe_restores_them(tr
     found = rb.recalibrate(training_checkpoint, image_set, batches=2, batch_size=16)  # Size detected: tiny.
     written = rb.write_checkpoint(training_checkpoint, found.values, str(tmp_path / "out"))
     assert os.path.basename(written) == "model.ckpt-1500"
-    before, after = checkpoints.read_tensors(training_checkpoint), checkpoints.read_tensors(written)
+    before, after = checkpoint_files.read_tensors(training_checkpoint), checkpoint_files.read_tensors(written)
     assert sorted(before) == sorted(after)
     for name in before:
         if is_trunk_statistic(name):
@@ -197,12 +199,12 @@ def test_command_line_recalibrates_with_a_progress_line(training_checkpoint, ima
     assert result.returncode == 0, result.stderr
     assert "BatchNorm statistics of" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
     written = result.stdout.strip().splitlines()[-1]
-    assert written == str(out / "model.ckpt-1500") and checkpoints.latest(str(out)) == written
+    assert written == str(out / "model.ckpt-1500") and checkpoint_files.latest(str(out)) == written
     provenance = json.loads((out / rb.PROVENANCE_FILE).read_text())
     assert provenance["images"] == 16 and provenance["batches"] == 2 and provenance["trunk_size"] == "tiny"
     # The same images in the same order as the library reads them.
     expected = rb.recalibrate(training_checkpoint, rb.open_images(data).dataset(SIZE), batches=2, batch_size=8)
-    stored = checkpoints.read_tensors(written, list(expected.values))
+    stored = checkpoint_files.read_tensors(written, list(expected.values))
     for name, value in expected.values.items():
         np.testing.assert_array_equal(stored[name], value, err_msg=name)
 
@@ -215,7 +217,7 @@ def test_command_line_errors_are_one_line(training_checkpoint, image_set, tmp_pa
         (tmp_path / "broken" / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     (tmp_path / "taken").mkdir()
-    checkpoints.save(str(tmp_path / "taken"), {"x": np.zeros(1, np.float32)}, step=1)
+    checkpoint_files.save(str(tmp_path / "taken"), {"x": np.zeros(1, np.float32)}, step=1)
     cases = [
         (["--checkpoint", str(tmp_path / "none.ckpt"), "--data", photos], ["none.ckpt", "does not exist"]),
         (["--checkpoint", str(tmp_path / "notes.txt"), "--data", photos], ["notes.txt", "not a checkpoint"]),
@@ -230,7 +232,7 @@ def test_command_line_errors_are_one_line(training_checkpoint, image_set, tmp_pa
         out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
         result = run_cli("mtss_train.recalibrate_bn", *args, *out, "--image_size", "32")
         assert_one_line_error(result, *fragments)
-    assert not (tmp_path / "out").exists() or checkpoints.latest(str(tmp_path / "out")) is None
+    assert not (tmp_path / "out").exists() or checkpoint_files.latest(str(tmp_path / "out")) is None
 
 
 @pytest.mark.slow
@@ -238,7 +240,7 @@ def test_the_101_recalibrated_restores_488_of_488_the_readme_way(tmp_path, image
     tf.random.set_seed(5)
     layer = loader.trunk_layer("101")
     values = {n: v.numpy() for n, v in layer.variables_by_name().items()}
-    source = checkpoints.save(str(tmp_path / "source"), values, step=7)
+    source = checkpoint_files.save(str(tmp_path / "source"), values, step=7)
     found = rb.recalibrate(source, images, batches=1, batch_size=2)  # Two 64 px images: cheap.
     written = rb.write_checkpoint(source, found.values, str(tmp_path / "out"))
     assert len(found.values) == 2 * sum(n.endswith("/moving_mean") for n in values)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mtss_train import checkpoints
+from mtss_train.ckpt import checkpoint_files
 from mtss_train.eval import reproduce
 from conftest import assert_one_line_error, run_cli
 
@@ -41,12 +41,12 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
         recalibrated = summary["recalibrated_bn"]["seeds"]["0"]["recalibrate_bn"]
         assert recalibrated["images"] == probe_images and recalibrated["data"].endswith("fashion-mnist/train")
         assert arm in result.stdout
-    init = checkpoints.latest(str(out / "init" / "seed0"))
+    init = checkpoint_files.latest(str(out / "init" / "seed0"))
     assert found["arms"][reproduce.RANDOM_ARM]["plain"]["seeds"]["0"]["checkpoint"] == init
     plan = reproduce.Plan(str(out), (0,), tuple(reproduce.ARMS), 4, 0.01, fashion_mnist, 300, 200, 100)
     for arm, spec in reproduce.ARMS.items():
         train_dir = plan.train_dir(arm, 0)
-        assert checkpoints.latest(train_dir).endswith("-4"), arm
+        assert checkpoint_files.latest(train_dir).endswith("-4"), arm
         flags_json = json.loads(open(os.path.join(train_dir, "flags.json")).read())
         assert flags_json["init_checkpoint"] == init and flags_json["tasks"] == list(spec.tasks)
         assert (flags_json["harmonize"], flags_json["lasso"]) == (arm.endswith("-harm-lasso"),) * 2, arm
@@ -63,7 +63,7 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     assert "recalibrated BN top-1" in result.stdout.splitlines()[1]
 
     # A second run finds the arm trained and its features cached: nothing is trained again.
-    trained = checkpoints.latest(plan.train_dir("rp", 0)) + ".index"
+    trained = checkpoint_files.latest(plan.train_dir("rp", 0)) + ".index"
     written = os.path.getmtime(trained)
     again = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
                     "--arms=rp", timeout=600)

@@ -28,11 +28,11 @@ import skimage.data
 
 from conftest import assert_one_line_error, cli_env, run_cli
 from test_images import png_claiming
-from mtss_train import checkpoints
-from mtss_train.config import TrainConfig, build_tasks
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.train.config import TrainConfig, build_tasks
 from mtss_train.errors import CheckpointError, DataError, MtssError
-from mtss_train.train_dir_lock import TrainDirLock
-from mtss_train.trainer import TaskSchedule, Trainer
+from mtss_train.train.train_dir_lock import TrainDirLock
+from mtss_train.train.trainer import TaskSchedule, Trainer
 
 FAST = ["--smoke", "--task_param", "rp.batch_size=2", "--log_every_steps", "1"]
 
@@ -144,10 +144,10 @@ def test_unreadable_newest_checkpoints_fall_back_to_the_newest_readable(trained,
         assert why in warnings
         assert f"moved the unreadable checkpoint {run}/model.ckpt-{step} to {run}/unreadable" in warnings
     assert any(m.startswith(f"resumed from {run}/model.ckpt-1 at step 1") for m in messages(logs))
-    assert [os.path.basename(p) for p in checkpoints.candidates(run)] == ["model.ckpt-3", "model.ckpt-2", "model.ckpt-1"]
-    for prefix in checkpoints.candidates(run):  # Every checkpoint left reads whole.
-        checkpoints.read_tensors(prefix)
-    assert checkpoints.read_tensors(run, ["global_step"])["global_step"] == 3
+    assert [os.path.basename(p) for p in checkpoint_files.candidates(run)] == ["model.ckpt-3", "model.ckpt-2", "model.ckpt-1"]
+    for prefix in checkpoint_files.candidates(run):  # Every checkpoint left reads whole.
+        checkpoint_files.read_tensors(prefix)
+    assert checkpoint_files.read_tensors(run, ["global_step"])["global_step"] == 3
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(trained, tmp_path):
@@ -156,7 +156,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(trained, tmp_path)
         os.truncate(f"{run}/model.ckpt-{step}.data-00000-of-00001", 10)
     with pytest.raises(CheckpointError, match=f"none of the 4 checkpoint.* in --train_dir {run} is readable"):
         Trainer(config(run, max_steps=6)).train()
-    assert len(checkpoints.candidates(run)) == 4  # Left as they were.
+    assert len(checkpoint_files.candidates(run)) == 4  # Left as they were.
 
 
 def test_a_head_that_cannot_be_built_names_the_task_and_setting(tmp_path):
@@ -208,26 +208,26 @@ def test_a_full_disk_at_start_is_one_line_and_keeps_the_checkpoints(trained, tmp
     with pytest.raises(MtssError, match=f"cannot write {run}/flags.json: No space left on device"):
         Trainer(config(run, max_steps=6)).train()
     monkeypatch.undo()
-    assert [os.path.basename(p) for p in checkpoints.candidates(run)][0] == "model.ckpt-4"
+    assert [os.path.basename(p) for p in checkpoint_files.candidates(run)][0] == "model.ckpt-4"
     assert not [n for n in os.listdir(run) if ".tmp" in n]
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_fsync = checkpoints._fsync
+    real_fsync = checkpoint_files._fsync
 
     def fsync(path: str) -> None:  # fsync is where a full disk shows with delayed allocation.
         if "model.ckpt-4.tmp" in path:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(path)
 
-    monkeypatch.setattr(checkpoints, "_fsync", fsync)
+    monkeypatch.setattr(checkpoint_files, "_fsync", fsync)
     with pytest.raises(CheckpointError) as error:
         Trainer(config(tmp_path, save_every_steps=2)).train()
     message = str(error.value)
     assert f"could not write checkpoint {tmp_path}/model.ckpt-4" in message and "No space left on device" in message
     assert f"the previous checkpoint {tmp_path}/model.ckpt-2 is intact" in message and "\n" not in message
-    assert checkpoints.candidates(str(tmp_path)) == [f"{tmp_path}/model.ckpt-2"]
-    assert checkpoints.read_tensors(str(tmp_path), ["global_step"])["global_step"] == 2
+    assert checkpoint_files.candidates(str(tmp_path)) == [f"{tmp_path}/model.ckpt-2"]
+    assert checkpoint_files.read_tensors(str(tmp_path), ["global_step"])["global_step"] == 2
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
@@ -259,7 +259,7 @@ def test_a_read_only_train_dir_is_one_line_and_keeps_the_checkpoints(trained, tm
         result = run_cli("mtss_train", "--train_dir", str(run), *FAST, "--max_steps", "6", timeout=240)
     assert_one_line_error(result, f"cannot write {run}/flags.json")
     assert result.returncode == 2
-    assert checkpoints.read_tensors(str(run), ["global_step"])["global_step"] == 4
+    assert checkpoint_files.read_tensors(str(run), ["global_step"])["global_step"] == 4
 
 
 @pytest.mark.slow
@@ -316,8 +316,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path, moment):
 # variable_scope") or swallowed by code that catches everything.
 HIDDEN_CTRL_C = """
 import signal
-from mtss_train import cli  # noqa: F401
-from mtss_train import state
+from mtss_train import startup  # noqa: F401
+from mtss_train.train import state
 from mtss_train.__main__ import run
 
 real_build = state.TrainingState.build
@@ -340,7 +340,7 @@ def test_ctrl_c_that_tensorflow_replaces_or_swallows_is_one_line_and_130(tmp_pat
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C) while starting; nothing was saved"
-    assert checkpoints.latest(str(tmp_path)) is None  # Not a step trained, nothing saved.
+    assert checkpoint_files.latest(str(tmp_path)) is None  # Not a step trained, nothing saved.
 
 
 @pytest.mark.slow
@@ -376,15 +376,15 @@ def test_a_lock_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 # killed in the middle of.
 SLOW_SAVES = """
 import time
-from mtss_train import cli  # noqa: F401
-from mtss_train import checkpoints
+from mtss_train import startup  # noqa: F401
+from mtss_train.ckpt import checkpoint_files
 from mtss_train.__main__ import run
 
-real_fsync = checkpoints._fsync
+real_fsync = checkpoint_files._fsync
 def slow_fsync(path):
     time.sleep(0.15)
     real_fsync(path)
-checkpoints._fsync = slow_fsync
+checkpoint_files._fsync = slow_fsync
 run()
 """
 
@@ -410,7 +410,7 @@ def test_kill_9_at_random_moments_always_resumes_within_the_save_interval(tmp_pa
     flags = ["--max_steps", "100000", "--save_every_steps", str(save_every), "--keep_checkpoints", "3"]
     last_logged, killed_mid_save = 0, 0
     for kill in range(10):
-        had_checkpoint = checkpoints.latest(str(train_dir)) is not None
+        had_checkpoint = checkpoint_files.latest(str(train_dir)) is not None
         with open(log_path, "w") as log:
             process = start(train_dir, *flags, log=log, wrapper=SLOW_SAVES)
         try:
@@ -426,11 +426,11 @@ def test_kill_9_at_random_moments_always_resumes_within_the_save_interval(tmp_pa
             process.wait()
         last_logged = max([int(s) for s in re.findall(r"step (\d+)/100000", log_path.read_text())] + [resumed])
         killed_mid_save += any(f".tmp{process.pid}" in name for name in os.listdir(train_dir))
-        for prefix in checkpoints.candidates(str(train_dir)):  # Every checkpoint left reads whole.
-            checkpoints.read_tensors(prefix)
+        for prefix in checkpoint_files.candidates(str(train_dir)):  # Every checkpoint left reads whole.
+            checkpoint_files.read_tensors(prefix)
     assert killed_mid_save >= 3  # Of the five aimed at saves, most left a save half-written.
     final = run_cli("mtss_train", "--train_dir", str(train_dir), *FAST, "--max_steps", str(last_logged + 1),
                     "--save_every_steps", str(save_every), timeout=240)
     assert final.returncode == 0, final.stderr[-3000:]
     assert f"resumed from {train_dir}/model.ckpt-" in final.stderr
-    assert checkpoints.read_tensors(str(train_dir), ["global_step"])["global_step"] == last_logged + 1
+    assert checkpoint_files.read_tensors(str(train_dir), ["global_step"])["global_step"] == last_logged + 1

@@ -8,12 +8,12 @@ from typing import Optional
 import pytest
 
 from mtss_train.compat import tf_keras
-from mtss_train.config import TrainConfig, build_tasks
+from mtss_train.train.config import TrainConfig, build_tasks
 from mtss_train.errors import MtssError
 from mtss_train.registry import Registry
 from mtss_train.task import Task, TaskConfig, make_config, task_class
-from mtss_train.optim import FusedRMSprop, make_learning_rate, make_optimizer
-from mtss_train.trainer import TaskSchedule
+from mtss_train.train.optim import FusedRMSprop, make_learning_rate, make_optimizer
+from mtss_train.train.trainer import TaskSchedule
 
 TESTS = os.path.dirname(__file__)
 

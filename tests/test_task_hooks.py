@@ -8,13 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from mtss_train import checkpoints, loader, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
+from mtss_train.train.config import TrainConfig
 from mtss_train.errors import MtssError
-from mtss_train.reporting import Meter
+from mtss_train.train.reporting import Meter
 from mtss_train.task import task_class
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 from test_train import summary_tags
 
 TESTS = os.path.dirname(__file__)
@@ -64,7 +66,7 @@ def test_a_task_with_its_own_source_and_stride_16_trains_beside_rp(tmp_path, pai
     # Six good pairs at batch 2, six steps: every pair met at least once, the bad one once.
     assert trainer.sources["paired"].skipped.count == 1
     assert trainer.sources["rp"].skipped.count == 0 and trainer.sources["rp"] is not trainer.sources["paired"]
-    names = checkpoints.read_specs(str(tmp_path / "run"))
+    names = checkpoint_files.read_specs(str(tmp_path / "run"))
     trunk_names = {n for n in names if n.startswith(trunk.TRUNK_SCOPE + "/")}
     assert trunk_names == set(loader.trunk_layer("tiny").variables_by_name())  # One trunk, slim names.
     assert "paired_head/logits/weights" in names and "rp_head/fc8/weights" in names
@@ -122,7 +124,7 @@ def test_a_second_train_continues_from_the_optimizer_step(tmp_path):
     trainer.config.max_steps = 3
     assert trainer.train().endswith("model.ckpt-3")
     assert trainer.state.step == 3
-    assert int(checkpoints.read_tensors(str(tmp_path / "run"), ["global_step"])["global_step"]) == 3
+    assert int(checkpoint_files.read_tensors(str(tmp_path / "run"), ["global_step"])["global_step"]) == 3
 
 
 def test_each_task_rate_is_over_its_own_step_time():

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, cli_env, run_cli
-from mtss_train import checkpoints, loader, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig
-from mtss_train.trainer import Trainer
+from mtss_train.train.config import TrainConfig
+from mtss_train.train.trainer import Trainer
 
 TESTS = os.path.dirname(__file__)
 # Small enough for seconds per run on CPU; the tiny trunk comes with --smoke.
@@ -28,7 +30,7 @@ def train(train_dir, *flags: str, env: dict | None = None) -> subprocess.Complet
 
 
 def global_step(train_dir) -> int:
-    return int(checkpoints.read_tensors(checkpoints.latest(str(train_dir)), ["global_step"])["global_step"])
+    return int(checkpoint_files.read_tensors(checkpoint_files.latest(str(train_dir)), ["global_step"])["global_step"])
 
 
 def summary_tags(log_dir) -> set[str]:
@@ -46,7 +48,7 @@ def test_trains_writes_checkpoints_logs_config_and_resumes(tmp_path):
     assert f"tensorboard --logdir {tmp_path}/logs" in run.stdout
     assert "step 6/6  rp: loss" in run.stderr
     assert global_step(tmp_path) == 6
-    names = checkpoints.read_specs(str(tmp_path))
+    names = checkpoint_files.read_specs(str(tmp_path))
     assert "resnet_v2_101/block3/unit_2/bottleneck_v2/conv3/weights" in names
     assert "rp_head/fc8/weights" in names and "rp_head/preact/moving_mean" in names
     assert any(n.startswith("optimizer/") for n in names)
@@ -91,7 +93,7 @@ def write_trunk_only_checkpoint(directory) -> dict[str, np.ndarray]:
     """A checkpoint like the released model's: trunk variables only, no step, no heads."""
     layer = loader.trunk_layer("tiny")  # Built: its variables exist.
     values = {name: v.numpy() + 0.5 for name, v in layer.variables_by_name().items()}
-    checkpoints.save(str(directory), values, step=1)
+    checkpoint_files.save(str(directory), values, step=1)
     return values
 
 
@@ -102,7 +104,7 @@ def test_warm_start_from_a_trunk_only_checkpoint(tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"warm start from {tmp_path}/released" in run.stderr
     assert f"{len(released)} matched" in run.stderr and "missing in checkpoint (left at their initial values)" in run.stderr
-    trained = checkpoints.read_tensors(str(tmp_path / "run"))
+    trained = checkpoint_files.read_tensors(str(tmp_path / "run"))
     frozen = [n for n in released if not n.endswith(("moving_mean", "moving_variance"))]
     for name in frozen:  # Restored, and --trainable_scopes kept the trunk fixed.
         np.testing.assert_array_equal(trained[name], released[name], err_msg=name)
@@ -110,10 +112,10 @@ def test_warm_start_from_a_trunk_only_checkpoint(tmp_path):
 
 
 def test_warm_start_that_misses_the_trunk_is_an_error(tmp_path):
-    checkpoints.save(str(tmp_path / "other"), {"some/other/weights": np.zeros([3])}, step=1)
+    checkpoint_files.save(str(tmp_path / "other"), {"some/other/weights": np.zeros([3])}, step=1)
     run = train(tmp_path / "run", "--max_steps", "1", "--init_checkpoint", str(tmp_path / "other"))
     assert_one_line_error(run, "lacks", "resnet_v2_101/conv1/")
-    assert checkpoints.latest(str(tmp_path / "run")) is None
+    assert checkpoint_files.latest(str(tmp_path / "run")) is None
 
 
 def test_a_task_from_a_test_file_trains_by_import_path(tmp_path):
@@ -122,7 +124,7 @@ def test_a_task_from_a_test_file_trains_by_import_path(tmp_path):
                 env=cli_env(PYTHONPATH=TESTS))
     assert run.returncode == 0, run.stderr
     assert "rotation: loss" in run.stderr
-    names = checkpoints.read_specs(str(tmp_path))
+    names = checkpoint_files.read_specs(str(tmp_path))
     assert "rotation_head/logits/weights" in names and "rp_head/fc8/weights" in names
     assert {"train/rotation/loss", "rotation/rotated"} <= summary_tags(tmp_path / "logs")
     assert json.load(open(tmp_path / "flags.json"))["task_configs"]["rotation"]["crop_size"] == 64
@@ -204,7 +206,7 @@ def test_mixed_precision_keeps_float32_weights_and_checkpoints(tmp_path, precisi
     run = train(tmp_path, "--max_steps", "3", "--precision", precision)
     assert run.returncode == 0, run.stderr
     assert "step 3/3  rp: loss" in run.stderr
-    specs = checkpoints.read_specs(str(tmp_path))
+    specs = checkpoint_files.read_specs(str(tmp_path))
     assert {str(spec.dtype) for name, spec in specs.items() if name != "global_step"} == {"float32"}
     assert not loader.load_feature_extractor(str(tmp_path), size="tiny").report.mismatched
 
@@ -232,7 +234,7 @@ def test_resume_restores_model_step_and_optimizer_state_exactly(tmp_path):
     config = dict(train_dir=str(tmp_path), tasks=["rp"], task_params={"rp": {"batch_size": "2"}},
                   trunk_size="tiny", save_every_steps=3, summary_every_steps=3)
     Trainer(TrainConfig(max_steps=3, **config)).train()
-    saved = checkpoints.read_tensors(str(tmp_path))
+    saved = checkpoint_files.read_tensors(str(tmp_path))
     resumed = Trainer(TrainConfig(max_steps=5, **config))
     resumed.prepare()  # Builds and restores; does not train.
     state = resumed.state.variables()

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 from tf_slim.nets import resnet_v2
 
-from mtss_train import ckpt, loader, trunk
+from mtss_train.ckpt import inspector
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
-from mtss_train.slim_layer import SlimLayer
+from mtss_train.model.slim_layer import SlimLayer
 
 
 def slim_reference_specs():
@@ -23,7 +25,7 @@ def slim_reference_specs():
 def test_real_trunk_has_exactly_slims_variables_through_block3():
     reference = slim_reference_specs()
     expected = {n: s for n, s in reference.items() if not n.startswith(trunk.NOT_IN_TRUNK)}
-    ours = {n: (s.shape, s.dtype) for n, s in ckpt.trunk_specs("101").items()}
+    ours = {n: (s.shape, s.dtype) for n, s in inspector.trunk_specs("101").items()}
     assert ours == expected
     assert len(ours) == 488
     assert ours["resnet_v2_101/block3/unit_23/bottleneck_v2/conv3/weights"] == (
@@ -36,7 +38,7 @@ def test_real_trunk_has_exactly_slims_variables_through_block3():
 @pytest.mark.slow
 def test_real_trunk_in_tf2_keeps_slim_names_and_block3_geometry():
     layer = loader.trunk_layer("101")
-    assert {n: (s.shape, s.dtype) for n, s in ckpt.trunk_specs("101").items()} == {
+    assert {n: (s.shape, s.dtype) for n, s in inspector.trunk_specs("101").items()} == {
         n: (tuple(v.shape.as_list()), v.dtype.name) for n, v in layer.variables_by_name().items()
     }
     images = tf.zeros([1, 224, 224, 3])

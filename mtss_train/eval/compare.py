@@ -11,7 +11,7 @@ every probe's JSON result. All checkpoints are checked before any feature is ext
 a bad one fails at once.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import os
 

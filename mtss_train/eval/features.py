@@ -16,7 +16,7 @@ sizes, modification times, class mapping) and every setting that changes them, s
 probe or a regulariser sweep never runs the trunk again.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import dataclasses
 import datetime
@@ -30,7 +30,9 @@ from typing import Callable, TextIO
 import numpy as np
 from absl import app, flags, logging
 
-from mtss_train import checkpoints, loader, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader
+from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import TFRECORD_LABEL_KEY, LabelledData, open_labelled
@@ -59,7 +61,7 @@ class Settings:
 
 def detect_trunk_size(prefix: str) -> str | None:
     """The trunk size whose block3 the checkpoint holds, or None if none fits."""
-    specs = checkpoints.read_specs(prefix)
+    specs = checkpoint_files.read_specs(prefix)
     for size in trunk.TRUNK_SIZES:
         units = trunk.trunk_blocks(size)[2].args
         name = f"{trunk.REPRESENTATION}/unit_{{}}/bottleneck_v2/conv3/weights"
@@ -80,7 +82,7 @@ class Trunk:
 
     def __init__(self, checkpoint: str, settings: Settings):
         self.checkpoint = checkpoint
-        self.prefix = None if checkpoint == RANDOM else checkpoints.resolve(checkpoint)
+        self.prefix = None if checkpoint == RANDOM else checkpoint_files.resolve(checkpoint)
         self.size = settings.trunk_size or (self.prefix and detect_trunk_size(self.prefix)) or "101"
         if self.size not in trunk.TRUNK_SIZES:
             raise MtssError(f"--trunk_size must be one of {', '.join(trunk.TRUNK_SIZES)}, got {self.size!r}")

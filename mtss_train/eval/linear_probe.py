@@ -17,7 +17,7 @@ images (`mtss_train.recalibrate_bn`; never on the test images), for trunks whose
 statistics were averaged over other inputs; the JSON records on how many images.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import os
 

@@ -26,7 +26,7 @@ an arm whose final checkpoint exists is not trained again and a half-trained one
 a killed run picks up where it was.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import os
 
@@ -44,7 +44,8 @@ from typing import Mapping
 import cv2
 from absl import app, flags
 
-from mtss_train import checkpoints, loader, recalibrate_bn
+from mtss_train.ckpt import checkpoint_files
+from mtss_train import loader, recalibrate_bn
 from mtss_train.compat import tf
 from mtss_train.data.clip import sample_clip_masks
 from mtss_train.data.labelled import fit_square, read_idx
@@ -197,12 +198,12 @@ def colour_image_dir(plan: Plan) -> str:
 def write_init_checkpoint(plan: Plan, seed: int) -> str:
     """The seed's random trunk as a slim-name checkpoint: every arm of the seed starts here."""
     directory = plan.init_dir(seed)
-    found = checkpoints.latest(directory)
+    found = checkpoint_files.latest(directory)
     if found:
         return found
     tf.random.set_seed(seed)
     layer = loader.trunk_layer(TRUNK_SIZE)
-    return checkpoints.save(directory, {n: v.numpy() for n, v in layer.variables_by_name().items()}, 0,
+    return checkpoint_files.save(directory, {n: v.numpy() for n, v in layer.variables_by_name().items()}, 0,
                             basename=INIT_BASENAME)
 
 
@@ -260,7 +261,7 @@ def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]
     directory = plan.train_dir(arm, seed)
     check_earlier_run(plan, arm, seed, init)
     timing = os.path.join(directory, TIMING_FILE)
-    done = checkpoints.latest(directory)
+    done = checkpoint_files.latest(directory)
     if done and done.endswith(f"-{plan.steps}") and os.path.isfile(timing):
         with open(timing) as f:
             return json.load(f)["seconds"]
@@ -401,7 +402,7 @@ def main(argv: list[str]) -> None:
             print(f"[{done + 1}/{len(jobs)}] pre-training {arm} (seed {seed}), elapsed {_clock(elapsed)}{eta}",
                   file=sys.stderr, flush=True)
             train_seconds[arm][seed] = pretrain(plan, arm, seed, init, sources)
-            trained = checkpoints.latest(plan.train_dir(arm, seed))
+            trained = checkpoint_files.latest(plan.train_dir(arm, seed))
             runs[arm][seed] = {column: probe(plan, arm, trained, seed, column) for column in COLUMNS}
     summary = summarise(plan, runs, train_seconds)
     result = {"budget": budget_line(plan), "plan": {**dataclasses.asdict(plan), "task_params": TASK_PARAMS,

@@ -11,10 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from mtss_train.benchmarks.timing import current_rss_mib, interleaved_rounds, peak_rss_mib
-from mtss_train.config import TrainConfig
+from mtss_train.benchmark.timing import current_rss_mib, interleaved_rounds, peak_rss_mib
+from mtss_train.train.config import TrainConfig
 from mtss_train.errors import MtssError
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 
 
 def probe(trunk_size: str, batch_size: int, patch_size: int, calls: int, warmup: int,

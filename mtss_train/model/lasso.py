@@ -33,7 +33,7 @@ the exported block3 representation are the same with or without the lasso.
 
 import math
 
-from mtss_train import trunk
+from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
 
 ALPHA = "lasso/alpha"

@@ -22,19 +22,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
-from mtss_train import checkpoints, inputs, lasso
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.train import inputs
+from mtss_train.model import lasso
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig, build_tasks, write_config
+from mtss_train.train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
-from mtss_train.distribution import (is_chief, is_multi_worker, is_parameter_server, make_strategy, signal_vote,
+from mtss_train.train.distribution import (is_chief, is_multi_worker, is_parameter_server, make_strategy, signal_vote,
                                      worker_count)
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
-from mtss_train.failures import explained
-from mtss_train.reporting import Reporter
-from mtss_train.state import TrainingState
-from mtss_train.steps import RemoteStepRunner, StepRunner
-from mtss_train.train_dir_lock import TrainDirLock
+from mtss_train.train.setting_errors import explained
+from mtss_train.train.reporting import Reporter
+from mtss_train.train.state import TrainingState
+from mtss_train.train.steps import RemoteStepRunner, StepRunner
+from mtss_train.train.train_dir_lock import TrainDirLock
 
 # Evaluation draws the same batches every time: a fixed seed, apart from training seeds.
 EVAL_SEED = 2**31 - 1
@@ -129,7 +131,7 @@ class Trainer:
         self.sources = inputs.open_sources(self.tasks, config.data, options=options)
         self.eval_sources = inputs.open_sources(self.tasks, config.eval_data, eval_split=True, options=options)
         if config.init_checkpoint:
-            checkpoints.resolve(config.init_checkpoint)  # Fails now, not after building.
+            checkpoint_files.resolve(config.init_checkpoint)  # Fails now, not after building.
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
         self.state = TrainingState(config, self.tasks, self.strategy, self.chief)
         self.model = self.state.model
@@ -253,7 +255,7 @@ class Trainer:
         reporter = Reporter(self.schedule.names, {t.name: t.config.batch_size for t in self.tasks},
                             self.runner.fetch, writer, config.max_steps)
         fresh = set(last_batches)  # Batches drawn to build the model and not trained on yet.
-        last_saved = checkpoints.latest(config.train_dir)
+        last_saved = checkpoint_files.latest(config.train_dir)
         saved_step = start
         by_name = {t.name: t for t in self.tasks}
         logging.info("training %s from step %d to %d", ", ".join(self.schedule.names), step, config.max_steps)

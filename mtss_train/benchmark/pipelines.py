@@ -12,14 +12,14 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from mtss_train.benchmarks.timing import Sample, interleaved_rounds, time_calls
+from mtss_train.benchmark.timing import Sample, interleaved_rounds, time_calls
 from mtss_train.compat import tf
 from mtss_train.data import video
 from mtss_train.data.clip import sample_clip_path
 from mtss_train.data.motion_saliency import MaskSettings, masks_from_frames
-from mtss_train.inputs import offers_pure_tf
+from mtss_train.train.inputs import offers_pure_tf
 from mtss_train.task import Batch, Task
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 
 # The two frame sizes the extractor's speed is quoted at: (width, height).
 EXTRACTOR_SIZES = ((320, 240), (640, 480))

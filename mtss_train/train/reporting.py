@@ -14,7 +14,7 @@ from absl import logging
 
 from mtss_train.compat import tf
 from mtss_train.errors import MtssError
-from mtss_train.steps import Results
+from mtss_train.train.steps import Results
 
 
 class TrainingError(MtssError):

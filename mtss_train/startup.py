@@ -3,7 +3,7 @@
 A program imports it first, before anything imports TensorFlow, which reads
 TF_CPP_MIN_LOG_LEVEL once, when it loads:
 
-    from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+    from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 """
 
 import os

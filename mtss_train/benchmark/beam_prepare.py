@@ -17,7 +17,7 @@ import time
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from mtss_train.benchmarks.timing import load_average, spread
+from mtss_train.benchmark.timing import load_average, spread
 from mtss_train.data.clip import sample_clip_path
 from mtss_train.data.motion_saliency import MaskSettings
 from mtss_train.data.prepare import DEFAULT_RUNNER

@@ -9,7 +9,7 @@ CKPT is a checkpoint prefix, one of its files, or a directory (its latest checkp
 dtype differs, i.e. what a warm start or the released README recipe needs.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import collections
 from typing import Iterable, Mapping
@@ -17,11 +17,12 @@ from typing import Iterable, Mapping
 import numpy as np
 from absl import app, flags
 
-from mtss_train import checkpoints, trunk
-from mtss_train.checkpoints import TensorSpec
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.model import trunk
+from mtss_train.ckpt.checkpoint_files import TensorSpec
 from mtss_train.compat import slim, tf
 from mtss_train.errors import MtssError, cli_main
-from mtss_train.slim_layer import slim_name
+from mtss_train.model.slim_layer import slim_name
 
 _AGAINST = flags.DEFINE_enum(
     "against", None, ["trunk"], "Diff against the variables of our trunk instead of a 2nd checkpoint."
@@ -39,19 +40,19 @@ def trunk_specs(size: str = "101") -> dict[str, TensorSpec]:
         images = tf.compat.v1.placeholder(tf.float32, [None, 224, 224, 3])
         with slim.arg_scope(trunk.trunk_arg_scope()):
             trunk.resnet_v2_101_block3(images, False, blocks=trunk.trunk_blocks(size))
-        return {slim_name(v): checkpoints.spec_of(v) for v in tf.compat.v1.global_variables()}
+        return {slim_name(v): checkpoint_files.spec_of(v) for v in tf.compat.v1.global_variables()}
 
 
 def list_checkpoint(path: str) -> str:
     """The `ls` listing: one line per tensor, then totals per top-level scope."""
-    specs = checkpoints.read_specs(path)
-    values = checkpoints.read_tensors(path)  # Reading everything detects truncation.
+    specs = checkpoint_files.read_specs(path)
+    values = checkpoint_files.read_tensors(path)  # Reading everything detects truncation.
     width = max(len(n) for n in specs)
     lines = [f"{name:<{width}}  {spec.dtype:<8} {list(spec.shape)}" for name, spec in specs.items()]
     per_scope = collections.Counter()
     for name, value in values.items():
         per_scope[name.split("/")[0]] += np.size(value)
-    lines.append(f"{len(specs)} tensors in {checkpoints.resolve(path)}")
+    lines.append(f"{len(specs)} tensors in {checkpoint_files.resolve(path)}")
     lines += [f"  {scope}: {count:,} values" for scope, count in sorted(per_scope.items())]
     return "\n".join(lines)
 
@@ -95,12 +96,12 @@ def main(argv: list[str]) -> None:
     if command == "ls" and len(paths) == 1:
         print(list_checkpoint(paths[0]))
     elif command == "diff" and len(paths) == 2 and _AGAINST.value is None:
-        a, b = (checkpoints.resolve(p) for p in paths)
-        print(diff_specs(checkpoints.read_specs(a), checkpoints.read_specs(b), a, b))
+        a, b = (checkpoint_files.resolve(p) for p in paths)
+        print(diff_specs(checkpoint_files.read_specs(a), checkpoint_files.read_specs(b), a, b))
     elif command == "diff" and len(paths) == 1 and _AGAINST.value == "trunk":
-        a = checkpoints.resolve(paths[0])
+        a = checkpoint_files.resolve(paths[0])
         specs = trunk_specs(_TRUNK_SIZE.value)
-        print(diff_specs(checkpoints.read_specs(a), specs, a, f"trunk ({_TRUNK_SIZE.value})"))
+        print(diff_specs(checkpoint_files.read_specs(a), specs, a, f"trunk ({_TRUNK_SIZE.value})"))
     else:
         raise MtssError(USAGE)
 
@@ -108,6 +109,3 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     app.run(cli_main(main))
 
-
-if __name__ == "__main__":
-    run()

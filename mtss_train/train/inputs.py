@@ -15,7 +15,7 @@ from mtss_train.data.images import ReadOptions, read_options
 from mtss_train.data.in_graph import calls_python
 from mtss_train.data.source import Source
 from mtss_train.errors import MtssError
-from mtss_train.steps import RemoteStepRunner
+from mtss_train.train.steps import RemoteStepRunner
 from mtss_train.task import Task
 
 SHARED_KIND = "images"

@@ -13,10 +13,10 @@ import contextlib
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from mtss_train.compat import tf, tf_keras
-from mtss_train.distribution import parameter_server_cluster
+from mtss_train.train.distribution import parameter_server_cluster
 from mtss_train.errors import MtssError
-from mtss_train.failures import explained, op_message
-from mtss_train.model import MultiTaskModel
+from mtss_train.train.setting_errors import explained, op_message
+from mtss_train.model.multitask import MultiTaskModel
 from mtss_train.task import Batch, Metric
 
 # name -> (sum of weighted values, sum of weights) over the global batch.

@@ -14,14 +14,15 @@ from typing import Sequence
 
 from absl import logging
 
-from mtss_train import checkpoints, trunk
+from mtss_train.ckpt import checkpoint_files
+from mtss_train.model import trunk
 from mtss_train.compat import tf
-from mtss_train.config import TrainConfig, changed_settings
+from mtss_train.train.config import TrainConfig, changed_settings
 from mtss_train.errors import CheckpointError, MtssError, UnreadableCheckpointError
-from mtss_train.failures import explained
-from mtss_train.model import MultiTaskModel
-from mtss_train.optim import make_optimizer
-from mtss_train.slim_layer import slim_name
+from mtss_train.train.setting_errors import explained
+from mtss_train.model.multitask import MultiTaskModel
+from mtss_train.train.optim import make_optimizer
+from mtss_train.model.slim_layer import slim_name
 from mtss_train.task import Batch, Task
 
 GLOBAL_STEP = "global_step"
@@ -85,7 +86,7 @@ class TrainingState:
         """
         if not self._resume_searched:
             skipped = {prefix for prefix, _ in self.unreadable}
-            prefix, newly = checkpoints.newest_readable(self.config.train_dir, exclude=skipped)
+            prefix, newly = checkpoint_files.newest_readable(self.config.train_dir, exclude=skipped)
             for bad, why in newly:
                 logging.warning("skipping the unreadable checkpoint %s: %s", bad, why)
             self.unreadable += newly
@@ -101,9 +102,9 @@ class TrainingState:
         """The global step a resume would start from (0 if the train dir has no checkpoint)."""
         prefix = self.resume_checkpoint()
         try:
-            if prefix is None or GLOBAL_STEP not in checkpoints.read_specs(prefix):
+            if prefix is None or GLOBAL_STEP not in checkpoint_files.read_specs(prefix):
                 return 0
-            return int(checkpoints.read_tensors(prefix, [GLOBAL_STEP])[GLOBAL_STEP])
+            return int(checkpoint_files.read_tensors(prefix, [GLOBAL_STEP])[GLOBAL_STEP])
         except UnreadableCheckpointError:
             return 0  # `restore` skips it and says so.
 
@@ -121,7 +122,7 @@ class TrainingState:
         if config.init_checkpoint:
             # A warm start that misses trunk weights is a wrong checkpoint, not a fresh start.
             required = [s for s in trunk.TRUNK_SCOPES if not s.startswith(tuple(config.exclude_scopes))]
-            report = checkpoints.restore_variables(
+            report = checkpoint_files.restore_variables(
                 self.model.variables_by_name(), config.init_checkpoint,
                 exclude_scopes=config.exclude_scopes, required_scopes=required,
             )
@@ -132,13 +133,13 @@ class TrainingState:
         if self.config.init_checkpoint:
             logging.info("resuming from %s; --init_checkpoint is ignored", prefix)
         variables = self.variables()
-        report = checkpoints.match({n: checkpoints.spec_of(v) for n, v in variables.items()}, prefix)
+        report = checkpoint_files.match({n: checkpoint_files.spec_of(v) for n, v in variables.items()}, prefix)
         if report.mismatched:
             raise CheckpointError(self._mismatch_message(report))
-        report = checkpoints.restore_variables(variables, prefix, required_scopes=trunk.TRUNK_SCOPES + (GLOBAL_STEP,))
+        report = checkpoint_files.restore_variables(variables, prefix, required_scopes=trunk.TRUNK_SCOPES + (GLOBAL_STEP,))
         logging.info("resumed from %s at step %d:\n%s", prefix, self.step, report.format())
 
-    def _mismatch_message(self, report: checkpoints.RestoreReport) -> str:
+    def _mismatch_message(self, report: checkpoint_files.RestoreReport) -> str:
         model_first = sorted(report.mismatched, key=lambda item: item[0].startswith(OPTIMIZER_SCOPE))
         examples = ", ".join(f"{name} {now} (checkpoint: {saved})" for name, now, saved in model_first[:3])
         changed = changed_settings(os.path.join(self.config.train_dir, "flags.json"), self.config, self.tasks)
@@ -153,7 +154,7 @@ class TrainingState:
         their steps again and later resumes do not trip over them."""
         for prefix, _ in self.unreadable:  # All found by listing the train dir.
             try:
-                logging.warning("moved the unreadable checkpoint %s to %s", prefix, checkpoints.set_aside(prefix))
+                logging.warning("moved the unreadable checkpoint %s to %s", prefix, checkpoint_files.set_aside(prefix))
             except OSError as e:
                 raise MtssError(f"cannot move the unreadable checkpoint {prefix} aside: {e.strerror}") from None
         self.unreadable = []
@@ -164,4 +165,4 @@ class TrainingState:
         values = {name: v.read_value() for name, v in self.variables().items()}
         if not self.chief:
             return None
-        return checkpoints.save(self.config.train_dir, values, step, self.config.keep_checkpoints)
+        return checkpoint_files.save(self.config.train_dir, values, step, self.config.keep_checkpoints)

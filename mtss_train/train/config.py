@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from mtss_train import trunk
+from mtss_train.model import trunk
 from mtss_train.data.images import DEFAULT_MAX_PIXELS, TFRECORD_IMAGE_KEY
 from mtss_train.errors import MtssError
 from mtss_train.task import Task, TaskConfig, make_config, task_class
@@ -40,7 +40,7 @@ class TrainConfig:
     output_stride: int | None = None
     harmonize: bool = False  # Tasks with harmonize_to_grey (rp) see L only, as col does.
     lasso: bool = False  # Each head reads a sparsity-penalised mix of block3's unit outputs.
-    lasso_l1: float = 0.3  # Weight of the lasso's sparsity penalty (mtss_train.lasso); ours, see README.
+    lasso_l1: float = 0.3  # Weight of the lasso's sparsity penalty (mtss_train.model.lasso); ours, see README.
     optimizer: str = "rmsprop"
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"

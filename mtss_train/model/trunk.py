@@ -11,7 +11,7 @@ BatchNorm: slim would give a block3-only stack a 1024-channel `resnet_v2_101/pos
 which clashes with the 2048-channel one of the full network when a checkpoint is restored
 the released README's way.
 
-Usage (TF1 graph or inside `mtss_train.slim_layer.SlimLayer`):
+Usage (TF1 graph or inside `mtss_train.model.slim_layer.SlimLayer`):
 
     with slim.arg_scope(trunk_arg_scope()):
         block3, end_points = resnet_v2_101_block3(vgg_preprocess(images), is_training=True)

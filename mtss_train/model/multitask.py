@@ -3,9 +3,9 @@
 import functools
 from typing import Sequence
 
-from mtss_train import colorspace, lasso, trunk
+from mtss_train.model import colorspace, lasso, trunk
 from mtss_train.compat import slim, tf
-from mtss_train.slim_layer import SlimLayer, slim_name
+from mtss_train.model.slim_layer import SlimLayer, slim_name
 from mtss_train.task import Batch, Task
 
 
@@ -19,7 +19,7 @@ class MultiTaskModel:
     harmonization: with `harmonize`, tasks whose `harmonize_to_grey` is set see L only, as
     colorization does), and the trunk runs at the task's own output stride
     (`config.output_stride`, else `output_stride`) over one set of variables. With
-    `lasso_l1`, each head reads the lasso mix of block3's units (see `mtss_train.lasso`).
+    `lasso_l1`, each head reads the lasso mix of block3's units (see `mtss_train.model.lasso`).
     With `freeze_batch_norm`, every BatchNorm (trunk and heads) runs in inference mode also
     in training calls; a head still gets `is_training` for anything else it switches.
     """

@@ -1,7 +1,7 @@
 """The optimizer and learning-rate schedule a TrainConfig asks for."""
 
 from mtss_train.compat import tf, tf_keras
-from mtss_train.config import TrainConfig
+from mtss_train.train.config import TrainConfig
 
 
 class FusedRMSprop(tf_keras.optimizers.RMSprop):

@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mtss_train import trunk
+from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
-from mtss_train.config import TrainConfig
+from mtss_train.train.config import TrainConfig
 
 
 @contextlib.contextmanager

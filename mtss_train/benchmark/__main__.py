@@ -35,7 +35,7 @@ are trustworthy when every contender kept the cores busy ("cores busy" near the 
 The load average printed per round counts this process's own busy threads too.
 """
 
-from mtss_train import cli  # noqa: F401  First: quiets TensorFlow's start-up logs.
+from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import dataclasses
 import importlib.util
@@ -45,14 +45,14 @@ from typing import Iterator
 
 from absl import app, flags
 
-from mtss_train import trunk
-from mtss_train.benchmarks import anchors, pipelines, scaling
-from mtss_train.benchmarks.timing import Sample, interleaved_rounds, load_average, peak_rss_mib, ratios, spread
+from mtss_train.model import trunk
+from mtss_train.benchmark import anchors, pipelines, scaling
+from mtss_train.benchmark.timing import Sample, interleaved_rounds, load_average, peak_rss_mib, ratios, spread
 from mtss_train.compat import tf
-from mtss_train.config import PRECISIONS, TrainConfig
+from mtss_train.train.config import PRECISIONS, TrainConfig
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.task import Batch
-from mtss_train.trainer import Trainer
+from mtss_train.train.trainer import Trainer
 
 PARTS = ("anchor", "flops", "pipelines", "extractor", "scaling", "beam")
 DEFAULT_PARTS = [part for part in PARTS if part != "beam"]
@@ -265,7 +265,7 @@ def measure_beam() -> dict:
     if importlib.util.find_spec("apache_beam") is None:
         print("\n== beam: skipped, apache-beam is not installed (pip install 'mtss-train[beam]')")
         return {"skipped": "apache-beam is not installed"}
-    from mtss_train.benchmarks import beam_prepare  # Imports Beam, which only this part needs.
+    from mtss_train.benchmark import beam_prepare  # Imports Beam, which only this part needs.
 
     return beam_prepare.masks_rates(_BEAM_VIDEOS.value, _BEAM_FRAMES.value, _ROUNDS.value)
 

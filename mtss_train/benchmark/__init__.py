@@ -1,0 +1,1 @@
+"""`python -m mtss_train.benchmark` (its __main__) and its parts: timing, anchors, pipelines, scaling, beam."""

@@ -1,1 +1,0 @@
-"""The pieces of `python -m mtss_train.benchmark`: timing, the anchors, pipelines, scaling."""

@@ -1,0 +1,1 @@
+"""Training: configuration, the trainer, its state and steps, inputs, reporting, distribution."""
