@@ -1,11 +1,12 @@
-"""The resolved training configuration: every default in one place, validated once."""
+"""The training configuration: each setting declared once (type, default, help, choices), validated once."""
 
 import dataclasses
 import json
 import math
-import os
+from typing import Any, Sequence
 
 from mtss_train.model import trunk
+from mtss_train.data.files import write_atomically
 from mtss_train.data.images import DEFAULT_MAX_PIXELS, TFRECORD_IMAGE_KEY
 from mtss_train.errors import MtssError
 from mtss_train.task import Task, TaskConfig, make_config, task_class
@@ -21,52 +22,81 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server")
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002  absl's name for it.
+            default_factory: Any = dataclasses.MISSING, choices: Sequence[Any] = (),
+            lower_bound: int | None = None, flag_default: Any = dataclasses.MISSING) -> Any:
+    """A TrainConfig field together with how `python -m mtss_train` offers it (config_flags).
+
+    Args:
+      default, default_factory: as for `dataclasses.field`.
+      help: the flag's help text.
+      choices: the only values it takes (an enum flag); validate() refuses others.
+      lower_bound: the least value the flag accepts (absl refuses smaller ones at parsing).
+      flag_default: the command line's default of a field TrainConfig requires.
+    """
+    metadata = {"help": help, "choices": tuple(choices), "lower_bound": lower_bound, "flag_default": flag_default}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Trainer settings; task settings live in each task's Config."""
+    """Trainer settings; task settings live in each task's Config.
 
-    train_dir: str
-    tasks: list[str]
-    task_params: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    data: str | None = None  # Shared images; None: the embedded sample photos.
-    eval_data: str | None = None  # Held-out shared images, evaluated after every checkpoint.
-    eval_batches: int = 10  # Batches per task and evaluation.
-    image_key: str = TFRECORD_IMAGE_KEY  # TFRecord feature holding the encoded image.
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # Larger images are skipped (header read only).
-    schedule: str = "round_robin"
-    task_weights: list[float] | None = None
-    max_steps: int = 200_000
-    trunk_size: str = "101"
-    output_stride: int | None = None
-    harmonize: bool = False  # Tasks with harmonize_to_grey (rp) see L only, as col does.
-    lasso: bool = False  # Each head reads a sparsity-penalised mix of block3's unit outputs.
-    lasso_l1: float = 0.3  # Weight of the lasso's sparsity penalty (mtss_train.model.lasso); ours, see README.
-    optimizer: str = "rmsprop"
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    momentum: float = 0.9
-    rmsprop_decay: float = 0.9
-    rmsprop_epsilon: float = 1.0
-    weight_decay: float = 1e-4
-    batch_norm_decay: float = 0.997
-    # BatchNorm normalises with its moving statistics and leaves them as they are (for
-    # fine-tuning on small per-replica batches, whose batch statistics are noisy).
-    freeze_batch_norm: bool = False
-    clip_norm: float = 0.0  # Global-norm gradient clipping; 0 disables it.
-    init_checkpoint: str | None = None
-    exclude_scopes: list[str] = dataclasses.field(default_factory=lambda: list(trunk.NOT_IN_TRUNK))
-    trainable_scopes: list[str] = dataclasses.field(default_factory=list)
-    save_every_steps: int = 1000
-    keep_checkpoints: int = 5
-    summary_every_steps: int = 100
-    log_every_steps: int = 10
-    # Multi-worker jobs: how often the workers agree on whether a signal asked them to stop.
-    stop_check_every_steps: int = 10
-    seed: int = 0
-    strategy: str = "default"
-    precision: str = "float32"
-    version: int = CONFIG_VERSION
+    Each field is declared once, with its help text: `python -m mtss_train` makes one flag
+    of it (config_flags). `task_params` is set by --task_param.
+    """
+
+    train_dir: str = setting(help="Checkpoints, flags.json and logs/ go here.", flag_default="runs/mtss")
+    tasks: list[str] = setting(help="Tasks to train: registered names or module.path:Class.", flag_default=["rp"])
+    task_params: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # task -> field -> text
+    data: str | None = setting(None, help="Image directory (recursive jpg/png) or TFRecords; default: bundled "
+                               "sample photos.")
+    eval_data: str | None = setting(None, help="Held-out images: evaluated after every checkpoint (eval/ summaries).")
+    eval_batches: int = setting(10, help="Batches per task and evaluation.", lower_bound=1)
+    image_key: str = setting(TFRECORD_IMAGE_KEY, help="TFRecord feature holding the encoded image.")
+    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Images with more pixels are skipped and counted (read "
+                                    "from the header, before decoding).")
+    schedule: str = setting("round_robin", help="How each step picks its task.", choices=SCHEDULES)
+    task_weights: list[float] | None = setting(None, help="Sampling weight per task (with --schedule weighted).")
+    max_steps: int = setting(200_000, help="Total steps over all tasks.")
+    trunk_size: str = setting("101", help="Trunk.", choices=trunk.TRUNK_SIZES)
+    output_stride: int | None = setting(None, help="Atrous block3 stride (default 32).", choices=(8, 16, 32))
+    harmonize: bool = setting(False, help="Harmonization (paper 3.3): rp sees L only (grey), as col does.")
+    lasso: bool = setting(False, help="Lasso (paper Fig. 1b): each head reads a learned sparse mix of block3's units.")
+    # Ours, not the paper's (README); mtss_train.model.lasso applies it.
+    lasso_l1: float = setting(0.3, help="Weight of the lasso's sparsity penalty ||alpha||_1 / ||alpha||_2 on each "
+                              "head's per-unit weights.")
+    optimizer: str = setting("rmsprop", help="Optimizer.", choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-3, help="Peak learning rate.")
+    lr_schedule: str = setting("constant", help="Learning-rate schedule.", choices=LR_SCHEDULES)
+    warmup_steps: int = setting(0, help="Linear warm-up steps (cosine schedule).")
+    momentum: float = setting(0.9, help="Momentum (RMSProp and SGD).")
+    rmsprop_decay: float = setting(0.9, help="RMSProp decay of the squared-gradient average.")
+    rmsprop_epsilon: float = setting(1.0, help="RMSProp epsilon (1.0 as in slim's train_image_classifier).")
+    weight_decay: float = setting(1e-4, help="L2 weight decay of conv weights.")
+    batch_norm_decay: float = setting(0.997, help="BN moving-average decay.")
+    # Small per-replica batches have noisy batch statistics; fine-tuning on them keeps the moving ones.
+    freeze_batch_norm: bool = setting(False, help="BatchNorm (trunk and heads) uses and keeps its moving statistics; "
+                                      "everything else trains. For fine-tuning with small per-replica batches.")
+    clip_norm: float = setting(0.0, help="Clip gradients to this global norm; 0 = off.")
+    init_checkpoint: str | None = setting(None, help="Warm start (e.g. the released model) when train_dir has no "
+                                          "checkpoint.")
+    exclude_scopes: list[str] = setting(default_factory=lambda: list(trunk.NOT_IN_TRUNK),
+                                        help="Variable scopes never warm-started.")
+    trainable_scopes: list[str] = setting(default_factory=list,
+                                          help="Train only variables under these scopes (default all).")
+    save_every_steps: int = setting(1000, help="Checkpoint interval.")
+    keep_checkpoints: int = setting(5, help="Checkpoints kept.")
+    summary_every_steps: int = setting(100, help="TensorBoard interval.")
+    log_every_steps: int = setting(10, help="Console progress interval.")
+    stop_check_every_steps: int = setting(10, help=(
+        "--strategy multi_worker: how often the workers agree on SIGTERM/SIGINT (one tiny all-reduce), so all stop "
+        "at the same step, the chief saves it, and each exits 128 + the signal."))
+    seed: int = setting(0, help="Seed of data order, task schedule and augmentation.")
+    strategy: str = setting("default", help="tf.distribute strategy.", choices=STRATEGIES)
+    precision: str = setting("float32", help="Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 "
+                             "with loss scaling on GPUs); weights stay float32.", choices=PRECISIONS)
+    version: int = dataclasses.field(default=CONFIG_VERSION, init=False)  # Of flags.json's layout; no setting.
 
     def validate(self) -> None:
         """Raises MtssError naming the first bad setting."""
@@ -75,16 +105,13 @@ class TrainConfig:
             for value in values if isinstance(values, list) else [values]:
                 if isinstance(value, float) and not math.isfinite(value):
                     raise MtssError(f"--{field.name} must be finite, got {values}")
+            choices = field.metadata.get("choices")
+            unset = values is None and field.default is None
+            if choices and values not in choices and not unset:
+                raise MtssError(f"--{field.name} must be one of {choices}")
         checks = [
             (bool(self.tasks), "--tasks is empty"),
             (len(set(self.tasks)) == len(self.tasks), f"--tasks repeats a task: {self.tasks}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of {LR_SCHEDULES}"),
-            (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
-            (self.trunk_size in trunk.TRUNK_SIZES, f"--trunk_size must be one of {trunk.TRUNK_SIZES}"),
-            (self.output_stride in (None, 8, 16, 32), "--output_stride must be 8, 16 or 32"),
             (self.max_steps >= 1, "--max_steps must be >= 1"),
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (0 <= self.momentum < 1 and 0 < self.rmsprop_decay < 1,
@@ -115,6 +142,13 @@ class TrainConfig:
         unknown = set(self.task_params) - set(self.tasks) - {task_class(t).name for t in self.tasks}
         if unknown:
             raise MtssError(f"--task_param names task(s) not in --tasks: {sorted(unknown)}")
+
+
+# `--smoke`: a run small enough for a laptop CPU, where the user did not set these (each
+# task adds its own `smoke_settings`). Short runs need fast BN moving averages, or
+# inference-mode outputs lag far behind.
+SMOKE_SETTINGS = {"max_steps": 200, "trunk_size": "tiny", "save_every_steps": 100, "summary_every_steps": 20,
+                  "batch_norm_decay": 0.9}
 
 
 def build_tasks(config: TrainConfig) -> list[Task]:
@@ -166,14 +200,13 @@ def write_config(config: TrainConfig, tasks: list[Task], path: str) -> None:
     Raises:
       MtssError: if the file cannot be written (read-only directory, disk full, ...).
     """
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(resolved(config, tasks), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+
+    try:
+        write_atomically(path, write)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise MtssError(f"cannot write {path}: {e.strerror or e}") from None
 
 
@@ -198,4 +231,5 @@ def changed_settings(path: str, config: TrainConfig, tasks: list[Task]) -> list[
     return changed
 
 
-__all__ = ["TrainConfig", "TaskConfig", "build_tasks", "changed_settings", "write_config"]
+__all__ = ["SMOKE_SETTINGS", "TrainConfig", "TaskConfig", "build_tasks", "changed_settings", "setting",
+           "write_config"]
