@@ -33,7 +33,6 @@ from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.errors import MtssError, cli_main
-from mtss_train.eval.features import Settings, Trunk
 
 OUTPUT_KEY = "block3"
 INFO_FILE = os.path.join("assets.extra", "mtss_export.json")
@@ -75,7 +74,7 @@ def export_saved_model(checkpoint: str, out_dir: str, size: str | None = None,
     """
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise MtssError(f"export directory {out_dir} exists and is not empty; pass a new --out")
-    model = Trunk(checkpoint, Settings(trunk_size=size, output_stride=output_stride))
+    model = loader.Trunk(checkpoint, loader.TrunkSettings(trunk_size=size, output_stride=output_stride))
     if model.prefix is None:
         raise MtssError("export needs a checkpoint; `random` weights are not a model to ship")
     extractor = model.extractor
@@ -84,6 +83,7 @@ def export_saved_model(checkpoint: str, out_dir: str, size: str | None = None,
             "preprocessing": f"RGB minus {list(trunk.VGG_MEAN_RGB)}", "output": OUTPUT_KEY,
             "signatures": {"serving_default": "uint8", "uint8_rgb": "uint8", "float_rgb": "float32 in [0, 255]"},
             "tensorflow": tf.__version__}
+    # data.files.write_atomically's scheme, for a directory (so not that helper: it removes a file).
     tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
     verbosity = logging.get_verbosity()
     try:

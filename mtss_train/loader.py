@@ -21,15 +21,28 @@ TF2, a block3 feature extractor:
 
     extractor = load_feature_extractor(ckpt)
     features = extractor(images_uint8_rgb)  # [N, H/32, W/32, 1024]
+
+The same for programs that take a checkpoint or `random` weights and any trunk size
+(evaluation, export): `Trunk` checks the checkpoint at once, detects the trunk size it
+holds and builds the extractor on first use:
+
+    extractor = Trunk(ckpt, TrunkSettings(output_stride=16)).extractor
 """
 
+import dataclasses
+import hashlib
+import os
 from typing import Callable, Iterable
 
 from mtss_train.ckpt import checkpoint_files
 from mtss_train.model import trunk
-from mtss_train.ckpt.checkpoint_files import RestoreReport, TensorSpec
+from mtss_train.ckpt.checkpoint_files import RestoreReport
 from mtss_train.compat import tf
+from mtss_train.errors import CheckpointError, MtssError
 from mtss_train.model.slim_layer import SlimLayer, slim_name
+
+# In place of a checkpoint: the trunk's initial weights, seeded (a baseline, not a model).
+RANDOM = "random"
 
 
 def graph_restore_fn(
@@ -55,10 +68,7 @@ def graph_restore_fn(
     """
     variables = var_list if var_list is not None else tf.compat.v1.global_variables()
     by_name = {slim_name(v): v for v in variables}
-    wanted = {
-        name: TensorSpec(tuple(v.shape.as_list()), v.dtype.base_dtype.name)
-        for name, v in by_name.items()
-    }
+    wanted = {name: checkpoint_files.spec_of(v) for name, v in by_name.items()}
     report = checkpoint_files.match(wanted, checkpoint, exclude_scopes)
     report.require(required_scopes)
     saver = tf.compat.v1.train.Saver(var_list={n: by_name[n] for n in report.matched})
@@ -107,3 +117,93 @@ def load_feature_extractor(
         layer.variables_by_name(), checkpoint, required_scopes=trunk.TRUNK_SCOPES
     )
     return FeatureExtractor(layer, report)
+
+
+def detect_trunk_size(prefix: str) -> str | None:
+    """The trunk size whose block3 the checkpoint holds, or None if none fits."""
+    specs = checkpoint_files.read_specs(prefix)
+    for size in trunk.TRUNK_SIZES:
+        units = trunk.trunk_blocks(size)[2].args
+        name = f"{trunk.REPRESENTATION}/unit_{{}}/bottleneck_v2/conv3/weights"
+        last = specs.get(name.format(len(units)))
+        if last is not None and last.shape[-1] == units[-1]["depth"] and name.format(len(units) + 1) not in specs:
+            return size
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkSettings:
+    """Which trunk a `Trunk` builds. None trunk_size: the one the checkpoint holds (101 for
+    `random`); None output_stride: 32; `seed` seeds `random` weights."""
+
+    trunk_size: str | None = None
+    output_stride: int | None = None
+    seed: int = 0
+
+
+class Trunk:
+    """The frozen trunk of a checkpoint, or seeded initial weights (`random`).
+
+    The network is built on first use of `extractor`, so a caller that only needs the
+    trunk's identity (`digest`, e.g. a cache hit) never builds it.
+
+    Raises:
+      CheckpointError: the checkpoint does not exist (at once) or does not fit (when built).
+      MtssError: `settings.trunk_size` is not a trunk size.
+    """
+
+    def __init__(self, checkpoint: str, settings: TrunkSettings):
+        self.checkpoint = checkpoint
+        self.prefix = None if checkpoint == RANDOM else checkpoint_files.resolve(checkpoint)
+        self.size = settings.trunk_size or (self.prefix and detect_trunk_size(self.prefix)) or "101"
+        if self.size not in trunk.TRUNK_SIZES:
+            raise MtssError(f"--trunk_size must be one of {', '.join(trunk.TRUNK_SIZES)}, got {self.size!r}")
+        self.output_stride, self.seed = settings.output_stride, settings.seed
+        self._extractor: FeatureExtractor | None = None
+        self._digest: str | None = None
+        # How a subclass (`mtss_train.recalibrate_bn.RecalibratedTrunk`) re-estimated the
+        # BatchNorm statistics before extraction (JSON-able: data, images, batches); None: as stored.
+        self.recalibrate_bn: dict | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The trunk that computes the features."""
+        return self._built()
+
+    def _built(self) -> FeatureExtractor:
+        """The trunk as stored (checkpoint or seeded initial weights), built once."""
+        if self._extractor is None:
+            if self.prefix is None:
+                tf.random.set_seed(self.seed)  # Resets TF's op-seed sequence: same seed, same weights.
+                self._extractor = FeatureExtractor(trunk_layer(self.size, self.output_stride), None)
+            else:
+                try:
+                    self._extractor = load_feature_extractor(self.prefix, self.size, self.output_stride)
+                except CheckpointError as e:
+                    held = detect_trunk_size(self.prefix)
+                    if held is None or held == self.size:
+                        raise
+                    raise CheckpointError(f"{e} (it holds the {held} trunk: pass --trunk_size {held})") from None
+        return self._extractor
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the checkpoint's files, or of the random weights (they exist only in memory)."""
+        if self._digest is None:
+            digest = hashlib.sha256()
+            if self.prefix is None:
+                for name, variable in sorted(self._built().layer.variables_by_name().items()):
+                    digest.update(name.encode() + variable.numpy().tobytes())
+            else:
+                directory = os.path.dirname(self.prefix) or "."
+                base = os.path.basename(self.prefix)
+                for name in sorted(os.listdir(directory)):
+                    if name == base + ".index" or name.startswith(base + ".data-"):
+                        with open(os.path.join(directory, name), "rb") as f:
+                            for chunk in iter(lambda: f.read(1 << 22), b""):
+                                digest.update(chunk)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def describe(self) -> str:
+        return f"random init (seed {self.seed})" if self.prefix is None else self.prefix

@@ -134,13 +134,13 @@ def test_kill_9_at_any_moment_leaves_a_complete_latest_checkpoint(tmp_path):
 def test_a_save_sweeps_debris_of_killed_saves_but_not_other_files(tmp_path):
     checkpoint_files.save(str(tmp_path), {"x": np.float32(1)}, 1)
     debris = ["model.ckpt-2.tmp99.index", "model.ckpt-2.tmp99.data-00000-of-00001",
-              "model.ckpt-1.tmp98.index.tempstate123", "checkpoint.tmp97",
+              "model.ckpt-1.tmp98.index.tempstate123", "checkpoint.tmp97", "checkpoint.0f3a9c1e.tmp",
               "model.ckpt-0.data-00000-of-00001"]
-    for name in debris + ["notes.txt", "model.ckpt-best.index"]:
+    for name in debris + ["notes.txt", "model.ckpt-best.index", "checkpoint.bak"]:
         (tmp_path / name).write_text("x")
     checkpoint_files.save(str(tmp_path), {"x": np.float32(3)}, 3)
     assert sorted(os.listdir(tmp_path)) == sorted([
-        "checkpoint", "notes.txt", "model.ckpt-best.index",
+        "checkpoint", "notes.txt", "model.ckpt-best.index", "checkpoint.bak",
         "model.ckpt-1.index", "model.ckpt-1.data-00000-of-00001",
         "model.ckpt-3.index", "model.ckpt-3.data-00000-of-00001",
     ])

@@ -163,7 +163,7 @@ from mtss_train.errors import MtssError
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 one_replica = tf.distribute.get_strategy()
-trainer.make_strategy = lambda name: (
+trainer.make_strategy = lambda name, cluster=None: (
     tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if name == "mirrored" else one_replica)
 params = {"patch_size": "32", "gap": "8", "jitter": "2", "head_width": "32"}
 

@@ -6,7 +6,7 @@ from mtss_train.ckpt import checkpoint_files
 from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
-from mtss_train.errors import CheckpointError
+from mtss_train.errors import CheckpointError, MtssError
 
 
 def readme_graph_block3(checkpoint, images, **restore_kwargs):
@@ -114,3 +114,20 @@ def test_extractor_on_tiny_checkpoint_gives_block3(tmp_path, tiny_trunk, images)
     checkpoint_files.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
     extractor = loader.load_feature_extractor(str(tmp_path), size="tiny", output_stride=16)
     assert extractor(images.astype(np.uint8)).shape == (2, 4, 4, 128)
+
+
+def test_trunk_detects_the_size_a_checkpoint_holds_and_names_it_when_asked_for_another(tmp_path, tiny_trunk, images):
+    checkpoint_files.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
+    assert loader.detect_trunk_size(str(tmp_path / "model.ckpt-1")) == "tiny"
+    model = loader.Trunk(str(tmp_path), loader.TrunkSettings(output_stride=16))
+    assert (model.size, model.prefix) == ("tiny", str(tmp_path / "model.ckpt-1"))
+    assert model.extractor(images.astype(np.uint8)).shape == (2, 4, 4, 128)
+    with pytest.raises(CheckpointError, match=r"it holds the tiny trunk: pass --trunk_size tiny\)$"):
+        loader.Trunk(str(tmp_path), loader.TrunkSettings(trunk_size="101")).extractor
+
+
+def test_trunk_refuses_an_unknown_size_and_a_checkpoint_without_a_trunk(tmp_path):
+    with pytest.raises(MtssError, match="--trunk_size must be one of 101, tiny, got '50'"):
+        loader.Trunk(loader.RANDOM, loader.TrunkSettings(trunk_size="50"))
+    checkpoint_files.save(str(tmp_path), {"rp_head/logits/weights": np.zeros([2], np.float32)}, step=1)
+    assert loader.detect_trunk_size(str(tmp_path / "model.ckpt-1")) is None

@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from mtss_train.ckpt import checkpoint_files
 from mtss_train.model import colorspace, lasso, trunk
+from mtss_train.model.slim_layer import SlimLayer
 from mtss_train import export, loader
 from mtss_train.configs import expand_config, shipped_configs
 from mtss_train.compat import tf
@@ -88,6 +89,48 @@ def test_lasso_loss_feels_the_mix_direction_and_the_penalty_only_its_direction(t
     assert float(penalty(tf.constant([0.0, 3.0, 0.0, 0.0]))) == pytest.approx(1.0)
     assert float(penalty(tf.constant([0.5, -0.5, 0.5, 0.5]))) == pytest.approx(2.0)  # sqrt(units)
     assert float(lasso.top_quarter_share(tf.constant([0.1, -0.6, 0.2, 0.1]))) == pytest.approx(0.6)
+
+
+def test_the_model_reports_its_lasso_and_the_trainer_writes_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS)
+    trainer = Trainer(rp_config(tmp_path, tasks=["rp", "plugin_rotation:Rotation"], lasso=True, max_steps=1,
+                                summary_every_steps=1, task_params={"rp": SMALL_RP, "rotation": {"batch_size": "2"}}))
+    trainer.train()
+    assert {"lasso/rp", "lasso/rotation", "lasso/rp/top_quarter_share", "lasso/rotation/top_quarter_share",
+            "lasso/alpha_task_by_unit"} <= summary_tags(tmp_path / "logs")
+    alphas = trainer.model.lasso_alphas()
+    alphas["rp"].assign([0.1, -0.6, 0.2, 0.1])
+    alphas["rotation"].assign([0.25] * 4)
+    scalars, pictures, histograms = trainer.model.summaries(["rotation", "rp"])
+    assert scalars.keys() == {"lasso/rp/top_quarter_share", "lasso/rotation/top_quarter_share"}
+    assert float(scalars["lasso/rp/top_quarter_share"]) == pytest.approx(0.6)
+    picture = pictures["lasso"]["alpha_task_by_unit"].numpy()
+    assert picture.shape == (1, 2 * 16, 4 * 16, 3)
+    # A row per task in the order asked, each unit's share scaled by the largest (rp's unit 2).
+    np.testing.assert_allclose(picture[0, ::16, ::16, 1], [[0.25 / 0.6] * 4, [1 / 6, 1, 2 / 6, 1 / 6]], rtol=1e-6)
+    assert list(histograms) == ["lasso/rotation", "lasso/rp"] and histograms["lasso/rp"] is alphas["rp"]
+    plain = Trainer(rp_config(tmp_path / "plain"))
+    plain.prepare()
+    assert plain.model.summaries(["rp"]) == ({}, {}, {})
+
+
+def test_lasso_on_images_without_a_static_size_is_a_user_error_naming_the_head():
+    network = SlimLayer(trunk.block3_net("tiny", None), name="trunk")
+
+    def head(block3, is_training, end_points):
+        with tf.compat.v1.variable_scope("rp_head"):
+            return lasso.mix_units(block3, end_points, 0.1)
+
+    head_layer = SlimLayer(head, name="rp_head")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def features(images):
+        block3, end_points = network(images, training=False)
+        return head_layer(block3, training=False, end_points=end_points)
+
+    with pytest.raises(MtssError, match=r"--lasso needs images of a fixed size, but rp_head gets block3 units of "
+                                        r"shape \(None, None, None, 128\)"):
+        features(tf.zeros([1, 64, 64, 3]))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig
+from mtss_train.train.reporting import WeightedMeans
 from mtss_train.train.trainer import Trainer
 
 TESTS = os.path.dirname(__file__)
@@ -242,3 +243,14 @@ def test_resume_restores_model_step_and_optimizer_state_exactly(tmp_path):
     assert any(n.startswith("optimizer/") and "/rp_head/" in n for n in state)
     for name, variable in state.items():
         np.testing.assert_array_equal(variable.numpy(), saved[name], err_msg=name)
+
+
+def test_weighted_means_weigh_every_example_alike_and_leave_out_weightless_metrics():
+    means = WeightedMeans()
+    means.add({"loss": (4.0, 8.0), "iou": (0.0, 0.0)})  # A batch without any foreground pixel.
+    means.add({"loss": (1.0, 2.0), "iou": (1.5, 2.0)})
+    assert means.means() == {"loss": pytest.approx(5.0 / 10.0), "iou": pytest.approx(0.75)}
+    assert WeightedMeans().means() == {}
+    only_empty = WeightedMeans()
+    only_empty.add({"iou": (0.0, 0.0)})
+    assert only_empty.means() == {}

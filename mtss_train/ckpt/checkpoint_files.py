@@ -23,9 +23,13 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from mtss_train.compat import tf
+from mtss_train.data.files import write_atomically
 from mtss_train.errors import CheckpointError, UnreadableCheckpointError
 
 STATE_FILE = "checkpoint"
+# A state file a killed save left half-written: write_atomically's `checkpoint.<hex>.tmp`,
+# or `checkpoint.tmp<pid>` of saves before it.
+_STATE_TEMPORARY = re.compile(re.escape(STATE_FILE) + r"\.([0-9a-f]+\.tmp|tmp\d+)")
 DEFAULT_BASENAME = "model.ckpt"
 
 
@@ -240,14 +244,13 @@ def _update_state(directory: str, prefix: str, keep: int, basename: str) -> list
     # TF's CheckpointState text proto, as tf.train.latest_checkpoint reads it.
     lines = [f"model_checkpoint_path: {json.dumps(os.path.basename(prefix))}"]
     lines += [f"all_model_checkpoint_paths: {json.dumps(os.path.basename(p))}" for p in kept]
-    state = os.path.join(directory, STATE_FILE)
-    tmp_state = f"{state}.tmp{os.getpid()}"
-    with open(tmp_state, "w") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_state, state)
+    write_atomically(os.path.join(directory, STATE_FILE), lambda path: _write_text(path, "\n".join(lines) + "\n"))
     return kept
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _numbered_prefixes(directory: str, basename: str) -> list[str]:
@@ -267,9 +270,7 @@ def _remove_stale(directory: str, basename: str, kept: list[str]) -> None:
     for name in os.listdir(directory):
         found = numbered.match(name)
         temporary = ".tmp" in name or ".tempstate" in name
-        if (found and (temporary or found.group(0) not in keep)) or (
-            name.startswith(STATE_FILE + ".tmp")
-        ):
+        if (found and (temporary or found.group(0) not in keep)) or _STATE_TEMPORARY.fullmatch(name):
             os.remove(os.path.join(directory, name))
 
 
@@ -355,6 +356,7 @@ def match(
 
 
 def spec_of(variable: tf.Variable) -> TensorSpec:
+    """The shape and dtype a checkpoint tensor needs to restore `variable` (TF1 or TF2)."""
     return TensorSpec(tuple(variable.shape.as_list()), variable.dtype.base_dtype.name)
 
 

@@ -30,15 +30,15 @@ from typing import Callable, TextIO
 import numpy as np
 from absl import app, flags, logging
 
-from mtss_train.ckpt import checkpoint_files
-from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import TFRECORD_LABEL_KEY, LabelledData, open_labelled
-from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
+from mtss_train.errors import DataError, MtssError, cli_main
+from mtss_train.loader import Trunk, TrunkSettings
+# Until linear_probe, compare and recalibrate_bn import them from mtss_train.loader:
+from mtss_train.loader import RANDOM, detect_trunk_size  # noqa: F401
 
-RANDOM = "random"
 FEATURES_KEY = "features"
 FORMATS = ("npy", "tfrecord")
 # Bump when extraction changes what it computes, so old cache entries stop matching.
@@ -47,94 +47,13 @@ DEFAULT_IMAGE_SIZE = {"101": 224, "tiny": 96}
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """How features are computed. None trunk_size: detect it; None grid: global pooling;
-    None image_size: DEFAULT_IMAGE_SIZE of the trunk. `seed` seeds `random` weights."""
+class Settings(TrunkSettings):
+    """How features are computed: the trunk (`TrunkSettings`), then None grid: global
+    pooling; None image_size: DEFAULT_IMAGE_SIZE of the trunk."""
 
-    trunk_size: str | None = None
-    output_stride: int | None = None
     grid: int | None = 3
     image_size: int | None = None
     batch_size: int = 64
-    seed: int = 0
-
-
-def detect_trunk_size(prefix: str) -> str | None:
-    """The trunk size whose block3 the checkpoint holds, or None if none fits."""
-    specs = checkpoint_files.read_specs(prefix)
-    for size in trunk.TRUNK_SIZES:
-        units = trunk.trunk_blocks(size)[2].args
-        name = f"{trunk.REPRESENTATION}/unit_{{}}/bottleneck_v2/conv3/weights"
-        last = specs.get(name.format(len(units)))
-        if last is not None and last.shape[-1] == units[-1]["depth"] and name.format(len(units) + 1) not in specs:
-            return size
-    return None
-
-
-class Trunk:
-    """The frozen trunk of a checkpoint, or seeded initial weights (`random`).
-
-    The network is built on first use of `extractor`, so a cache hit never builds it.
-
-    Raises:
-      CheckpointError: the checkpoint does not exist (at once) or does not fit (when built).
-    """
-
-    def __init__(self, checkpoint: str, settings: Settings):
-        self.checkpoint = checkpoint
-        self.prefix = None if checkpoint == RANDOM else checkpoint_files.resolve(checkpoint)
-        self.size = settings.trunk_size or (self.prefix and detect_trunk_size(self.prefix)) or "101"
-        if self.size not in trunk.TRUNK_SIZES:
-            raise MtssError(f"--trunk_size must be one of {', '.join(trunk.TRUNK_SIZES)}, got {self.size!r}")
-        self.output_stride, self.seed = settings.output_stride, settings.seed
-        self._extractor: loader.FeatureExtractor | None = None
-        self._digest: str | None = None
-        # How `mtss_train.recalibrate_bn.RecalibratedTrunk` re-estimated the BatchNorm
-        # statistics before extraction (JSON-able: data, images, batches); None: as stored.
-        self.recalibrate_bn: dict | None = None
-
-    @property
-    def extractor(self) -> loader.FeatureExtractor:
-        """The trunk that computes the features."""
-        return self._built()
-
-    def _built(self) -> loader.FeatureExtractor:
-        """The trunk as stored (checkpoint or seeded initial weights), built once."""
-        if self._extractor is None:
-            if self.prefix is None:
-                tf.random.set_seed(self.seed)  # Resets TF's op-seed sequence: same seed, same weights.
-                self._extractor = loader.FeatureExtractor(loader.trunk_layer(self.size, self.output_stride), None)
-            else:
-                try:
-                    self._extractor = loader.load_feature_extractor(self.prefix, self.size, self.output_stride)
-                except CheckpointError as e:
-                    held = detect_trunk_size(self.prefix)
-                    if held is None or held == self.size:
-                        raise
-                    raise CheckpointError(f"{e} (it holds the {held} trunk: pass --trunk_size {held})") from None
-        return self._extractor
-
-    @property
-    def digest(self) -> str:
-        """sha256 of the checkpoint's files, or of the random weights (they exist only in memory)."""
-        if self._digest is None:
-            digest = hashlib.sha256()
-            if self.prefix is None:
-                for name, variable in sorted(self._built().layer.variables_by_name().items()):
-                    digest.update(name.encode() + variable.numpy().tobytes())
-            else:
-                directory = os.path.dirname(self.prefix) or "."
-                base = os.path.basename(self.prefix)
-                for name in sorted(os.listdir(directory)):
-                    if name == base + ".index" or name.startswith(base + ".data-"):
-                        with open(os.path.join(directory, name), "rb") as f:
-                            for chunk in iter(lambda: f.read(1 << 22), b""):
-                                digest.update(chunk)
-            self._digest = digest.hexdigest()
-        return self._digest
-
-    def describe(self) -> str:
-        return f"random init (seed {self.seed})" if self.prefix is None else self.prefix
 
 
 def grid_pool(block3: tf.Tensor, grid: int | None) -> tf.Tensor:

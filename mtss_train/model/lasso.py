@@ -35,6 +35,7 @@ import math
 
 from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
+from mtss_train.errors import MtssError
 
 ALPHA = "lasso/alpha"
 
@@ -89,9 +90,16 @@ def mix_units(block3: tf.Tensor, end_points: dict[str, tf.Tensor], penalty_weigh
 
 def _at_resolution(unit: tf.Tensor, height: int | None) -> tf.Tensor:
     """At stride 32, units before block3's last (stride-2) unit have twice its resolution:
-    subsample them as slim's shortcut does (every other pixel)."""
+    subsample them as slim's shortcut does (every other pixel).
+
+    Raises:
+      MtssError: if the resolutions are not static, as with a task (e.g. a plug-in) whose
+        batches have no fixed image size.
+    """
     if unit.shape[1] is None or height is None:
-        raise ValueError("the lasso needs static spatial shapes; give the task's batches a fixed size")
+        head = tf.compat.v1.get_variable_scope().name.split("/")[0]  # Called inside the head's scope.
+        raise MtssError(f"--lasso needs images of a fixed size, but {head} gets block3 units of shape {unit.shape}; "
+                        "give that task's batches a static height and width")
     step = math.ceil(unit.shape[1] / height)
     return unit[:, ::step, ::step, :] if step > 1 else unit
 
@@ -104,3 +112,13 @@ def alpha_picture(alphas: list[tf.Tensor], pixels_per_cell: int = 16) -> tf.Tens
     matrix /= tf.maximum(tf.reduce_max(matrix), 1e-12)
     cells = tf.repeat(tf.repeat(matrix, pixels_per_cell, axis=0), pixels_per_cell, axis=1)
     return tf.tile(cells[tf.newaxis, :, :, tf.newaxis], [1, 1, 1, 3])
+
+
+def summaries(alphas: dict[str, tf.Tensor]) -> tuple[dict[str, tf.Tensor], dict[str, dict[str, tf.Tensor]],
+                                                     dict[str, tf.Tensor]]:
+    """TensorBoard's view of the tasks' alphas ({task: alpha}, picture rows in that order):
+    scalars {`lasso/<task>/top_quarter_share`}, pictures {`lasso`: {`alpha_task_by_unit`}}
+    and histograms {`lasso/<task>`: alpha}."""
+    scalars = {f"lasso/{name}/top_quarter_share": top_quarter_share(alpha) for name, alpha in alphas.items()}
+    pictures = {"lasso": {"alpha_task_by_unit": alpha_picture(list(alphas.values()))}}
+    return scalars, pictures, {f"lasso/{name}": alpha for name, alpha in alphas.items()}

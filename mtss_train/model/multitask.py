@@ -81,6 +81,16 @@ class MultiTaskModel:
             alphas.update({name: found[0]} if found else {})
         return alphas
 
+    def summaries(self, task_names: Sequence[str]) -> tuple[
+            dict[str, tf.Tensor], dict[str, dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+        """What the model shows of itself in TensorBoard, for `task_names` in that order:
+        (scalars {tag: value}, pictures {group: {name: [K, H, W, 3] in [0, 1]}}, histograms
+        {tag: values}); the lasso's weights (`lasso.summaries`), nothing without the lasso."""
+        alphas = self.lasso_alphas()
+        if not alphas:
+            return {}, {}, {}
+        return lasso.summaries({name: alphas[name] for name in task_names if name in alphas})
+
     def features(self, task_name: str, batch: Batch, training: bool) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
         """(block3, trunk end points) for a batch of `task_name`, at its output stride."""
         return self.trunk(

@@ -20,15 +20,18 @@ PS_LAUNCH_HINT = "launch/local_workers.py --ps 1 sets one up on this machine; se
 CHIEF_START_SECONDS = 600
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str, cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None
+                  ) -> tf.distribute.Strategy:
     """'mirrored' (all local GPUs), 'multi_worker' (hosts from TF_CONFIG), 'parameter_server'
-    (this process is the coordinator of the TF_CONFIG cluster), else the default."""
+    (this process is the coordinator of `cluster`, from `parameter_server_cluster`), else the
+    default."""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "parameter_server":
-        cluster = parameter_server_cluster()
+        if cluster is None:
+            raise ValueError("a parameter-server strategy needs its cluster: pass parameter_server_cluster()")
         verbosity = logging.get_verbosity()
         logging.set_verbosity(logging.WARNING)  # Connecting logs the whole session config at INFO.
         try:

@@ -21,6 +21,24 @@ class TrainingError(MtssError):
     """Training cannot go on (e.g. a non-finite loss)."""
 
 
+class WeightedMeans:
+    """Sums fetched step results ({metric: (sum of weighted values, sum of weights)}), so a
+    mean over any number of steps weighs each example as one, whatever its batch held."""
+
+    def __init__(self):
+        self._sums: dict[str, list[float]] = {}
+
+    def add(self, results: dict[str, tuple[float, float]]) -> None:
+        for key, (num, den) in results.items():
+            total = self._sums.setdefault(key, [0.0, 0.0])
+            total[0] += num
+            total[1] += den
+
+    def means(self) -> dict[str, float]:
+        """Weighted means; a metric that had no weight in what was added is left out."""
+        return {k: num / den for k, (num, den) in self._sums.items() if den > 0}
+
+
 class Meter:
     """A task's summed results, examples and own step time since the last reset."""
 
@@ -28,23 +46,20 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, list[float]] = {}
+        self.results = WeightedMeans()
         self.steps = 0
         self.examples = 0
         self.seconds = 0.0
 
     def add(self, results: dict[str, tuple[float, float]], examples: int, seconds: float) -> None:
-        for key, (num, den) in results.items():
-            total = self.sums.setdefault(key, [0.0, 0.0])
-            total[0] += num
-            total[1] += den
+        self.results.add(results)
         self.steps += 1
         self.examples += examples
         self.seconds += seconds
 
     def means(self) -> dict[str, float]:
         """Weighted means; a metric that had no weight in the window is left out."""
-        return {k: num / den for k, (num, den) in self.sums.items() if den > 0}
+        return self.results.means()
 
     def examples_per_sec(self) -> float:
         """Examples over this task's own step time (input wait included), not shared wall time."""

@@ -13,7 +13,6 @@ import contextlib
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from mtss_train.compat import tf, tf_keras
-from mtss_train.train.distribution import parameter_server_cluster
 from mtss_train.errors import MtssError
 from mtss_train.train.setting_errors import explained, op_message
 from mtss_train.model.multitask import MultiTaskModel
@@ -151,9 +150,10 @@ class RemoteStepRunner(StepRunner):
 
     `run` takes per-worker iterators (each worker draws its own batches) and returns at
     once; the worker that picks the step up applies its update to the parameter servers
-    asynchronously. At most `in_flight_per_worker` steps per worker are queued: the
-    coordinator then waits for the oldest, so progress, ETA and saves follow the steps
-    that ran, not the ones scheduled. Evaluation and pictures run on the coordinator.
+    asynchronously. At most `in_flight_per_worker` steps per worker (of the cluster's
+    `workers`) are queued: the coordinator then waits for the oldest, so progress, ETA and
+    saves follow the steps that ran, not the ones scheduled. Evaluation and pictures run on
+    the coordinator.
 
     A step's error surfaces at a later call (the next `run`, `fetch` or `wait`): it is
     reported naming the tasks of every step then in flight. Results of a step whose worker
@@ -162,11 +162,9 @@ class RemoteStepRunner(StepRunner):
 
     def __init__(self, strategy: tf.distribute.Strategy, model: MultiTaskModel,
                  optimizer: tf_keras.optimizers.Optimizer, trainable_scopes: Sequence[str] = (),
-                 in_flight_per_worker: int = 2):
+                 *, workers: int, in_flight_per_worker: int = 2):
         super().__init__(strategy, model, optimizer, trainable_scopes)
         self.coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
-        # The strategy keeps no cluster resolver to ask (its `cluster_resolver` is None).
-        workers = parameter_server_cluster().cluster_spec().num_tasks("worker")
         self._in_flight: collections.deque[tuple[object, tuple[str, ...]]] = collections.deque(
             maxlen=in_flight_per_worker * workers)
 

@@ -24,16 +24,15 @@ from absl import logging
 
 from mtss_train.ckpt import checkpoint_files
 from mtss_train.train import inputs
-from mtss_train.model import lasso
 from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
-from mtss_train.train.distribution import (is_chief, is_multi_worker, is_parameter_server, make_strategy, signal_vote,
-                                     worker_count)
+from mtss_train.train.distribution import (is_chief, is_multi_worker, is_parameter_server, make_strategy,
+                                           parameter_server_cluster, signal_vote, worker_count)
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
 from mtss_train.train.setting_errors import explained
-from mtss_train.train.reporting import Reporter
+from mtss_train.train.reporting import Reporter, WeightedMeans
 from mtss_train.train.state import TrainingState
 from mtss_train.train.steps import RemoteStepRunner, StepRunner
 from mtss_train.train.train_dir_lock import TrainDirLock
@@ -122,7 +121,10 @@ class Trainer:
         config.validate()
         self.config = config
         self.tasks = build_tasks(config)
-        self.strategy = make_strategy(config.strategy)
+        # TF_CONFIG is read once, here: the strategy coordinates this cluster, and the remote
+        # runner queues steps by its worker count (the strategy has no public way to say it).
+        cluster = parameter_server_cluster() if config.strategy == "parameter_server" else None
+        self.strategy = make_strategy(config.strategy, cluster)
         self.chief = is_chief(self.strategy)
         self.remote = is_parameter_server(self.strategy)
         inputs.check_batch_sizes(self.tasks, self.strategy.num_replicas_in_sync)
@@ -135,8 +137,11 @@ class Trainer:
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
         self.state = TrainingState(config, self.tasks, self.strategy, self.chief)
         self.model = self.state.model
-        runner = RemoteStepRunner if self.remote else StepRunner
-        self.runner = runner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes)
+        if self.remote:
+            self.runner = RemoteStepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes,
+                                           workers=cluster.cluster_spec().num_tasks("worker"))
+        else:
+            self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes)
         self.summary_dir = os.path.join(config.train_dir, "logs")
         self.stopped_by: signal.Signals | None = None
         self._local_iterators: dict[str, Iterator] = {}  # Parameter-server runs: batches made here, for pictures.
@@ -179,14 +184,11 @@ class Trainer:
         self.prepare()
         results: dict[str, dict[str, float]] = {}
         for name, iterator in self.iterators(sources, seed).items():
-            sums: dict[str, list[float]] = {}
+            means = WeightedMeans()
             step = self.runner.eval_step(name)
             for batch in itertools.islice(iterator, batches):
-                for key, (num, den) in self.runner.fetch(step(batch)).items():
-                    total = sums.setdefault(key, [0.0, 0.0])
-                    total[0] += num
-                    total[1] += den
-            results[name] = {k: num / den for k, (num, den) in sums.items() if den > 0}
+                means.add(self.runner.fetch(step(batch)))
+            results[name] = means.means()
         return results
 
     # -- loop ---------------------------------------------------------------------------
@@ -325,19 +327,16 @@ class Trainer:
         return {name: last_batches[name] for name in names}
 
     def _write_summaries(self, reporter: Reporter, step: int, last_batches: dict[str, object]) -> None:
-        """Scalars, and every task's pictures from its most recent batch (under a
-        parameter-server strategy, a new batch made here: the workers' stay there)."""
+        """Scalars, every task's pictures from its most recent batch (under a parameter-server
+        strategy, a new batch made here: the workers' stay there), and the model's own."""
         if self.remote:
             last_batches.update({name: next(iterator) for name, iterator in self._local_iterators.items()})
         scalars = {"train/learning_rate": self.state.optimizer.learning_rate}
         for kind, count in self._skips_by_kind().items():
             scalars[f"data/skipped/{kind}"] = count
         pictures = {name: self.runner.pictures(name, batch) for name, batch in last_batches.items()}
-        alphas = self.model.lasso_alphas()
-        if alphas:
-            pictures["lasso"] = {"alpha_task_by_unit": lasso.alpha_picture([alphas[n] for n in self.schedule.names])}
-            scalars.update({f"lasso/{n}/top_quarter_share": lasso.top_quarter_share(a) for n, a in alphas.items()})
-        reporter.write_summaries(step, scalars, pictures, {f"lasso/{n}": a for n, a in alphas.items()})
+        model_scalars, model_pictures, histograms = self.model.summaries(self.schedule.names)
+        reporter.write_summaries(step, {**scalars, **model_scalars}, {**pictures, **model_pictures}, histograms)
 
     def _skips_by_kind(self) -> dict[str, int]:
         kinds = sorted({t.source_kind for t in self.tasks})
