@@ -1,9 +1,10 @@
-"""Name -> class registries, plus loading third-party tasks by import path or entry point."""
+"""Name -> class registries, and loading tasks by import path or by installed entry point
+(the built-in tasks are entry points of this package, so the core imports none of them)."""
 
 import importlib
 import inspect
 from importlib import metadata
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 from mtss_train.errors import MtssError
 
@@ -33,10 +34,11 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, also_known: Iterable[str] = ()) -> T:
+        """The object registered as `name`; `also_known` are names the error lists too."""
         if name not in self._items:
             raise MtssError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} "
+                f"unknown {self.kind} {name!r}; known: {', '.join(sorted({*self._items, *also_known}))} "
                 "(or pass module.path:ClassName)"
             )
         return self._items[name]
@@ -52,9 +54,17 @@ def _definition_site(item: object) -> str:
         return repr(item)
 
 
-def load_entry_points(registry: Registry, group: str = ENTRY_POINT_GROUP) -> None:
-    """Imports installed plugins (`[project.entry-points."mtss_train.tasks"]`)."""
-    for entry_point in metadata.entry_points(group=group):
+def installed_names(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Names of the installed plugins of `group`, without importing them."""
+    return sorted({entry_point.name for entry_point in metadata.entry_points(group=group)})
+
+
+def load_entry_point(registry: Registry, name: str, group: str = ENTRY_POINT_GROUP) -> bool:
+    """Imports the installed plugin `name` of `group` (`[project.entry-points."mtss_train.tasks"]`,
+    where the built-in tasks are declared too) and registers it; False if none has that name.
+    Only the one asked for is imported, so a broken plugin breaks only runs that use it."""
+    found = False
+    for entry_point in metadata.entry_points(group=group, name=name):
         try:
             item = entry_point.load()
         except Exception as e:  # A broken plugin must name itself, whatever it raised.
@@ -63,6 +73,8 @@ def load_entry_points(registry: Registry, group: str = ENTRY_POINT_GROUP) -> Non
                 f"failed to load: {type(e).__name__}: {e}"
             ) from None
         registry.register(entry_point.name)(item)
+        found = True
+    return found
 
 
 def load_by_path(spec: str) -> object:

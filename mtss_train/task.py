@@ -30,7 +30,7 @@ from mtss_train.compat import tf
 from mtss_train.data.images import image_source
 from mtss_train.data.source import Source
 from mtss_train.errors import MtssError
-from mtss_train.registry import Registry, load_by_path, load_entry_points
+from mtss_train.registry import Registry, installed_names, load_by_path, load_entry_point
 
 Batch = dict[str, tf.Tensor]
 # A metric is per-example values [N], or (values [N], weights [N]) for a weighted mean
@@ -162,11 +162,9 @@ def task_class(spec: str) -> type[Task]:
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise MtssError(f"{spec!r} is not a subclass of mtss_train.task.Task")
         return cls
-    import mtss_train.tasks  # noqa: F401  Registers the built-in tasks.
-
     if spec not in TASKS.names():
-        load_entry_points(TASKS)
-    return TASKS.get(spec)
+        load_entry_point(TASKS, spec)  # The built-in tasks are entry points too.
+    return TASKS.get(spec, also_known=installed_names())
 
 
 def make_config(cls: type[Task], overrides: dict[str, str]) -> TaskConfig:

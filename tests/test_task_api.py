@@ -58,10 +58,14 @@ def test_installed_entry_point_registers_a_task(tmp_path, monkeypatch, plugin_pa
     assert task_class("rotation").__name__ == "Rotation"
 
 
-def test_a_broken_plugin_names_itself(tmp_path, monkeypatch):
+def test_a_broken_plugin_names_itself_and_breaks_only_runs_that_use_it(tmp_path, monkeypatch):
     install_plugin(tmp_path, monkeypatch, "broken = no_such_plugin_module:Task")
     with pytest.raises(MtssError, match="plugin 'broken' = 'no_such_plugin_module:Task' failed to load"):
-        task_class("anything_unregistered")
+        task_class("broken")
+    assert task_class("rp").__name__ == "RelativePosition"  # Built-ins load by their own entry points.
+    with pytest.raises(MtssError, match="unknown task 'nope'; known: ") as unknown:
+        task_class("nope")
+    assert {"broken", "col", "ex", "ms", "rp"} <= set(str(unknown.value).split("known: ")[1].split(" (")[0].split(", "))
 
 
 def test_registry_refuses_a_second_definition_under_one_name():
