@@ -21,6 +21,7 @@ per-input function:
 One run per OUTPUT at a time: a new run deletes run directories that killed runs left.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,9 +29,10 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from mtss_train.compat import tf
-from mtss_train.data.files import walk_files
+from mtss_train.data.files import temporary_name, walk_files
 from mtss_train.errors import DataError, MtssError
 
 try:
@@ -208,16 +210,44 @@ def example(features: dict[str, bytes | str | int]) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
+Result = TypeVar("Result")
+
+
+def write_then_rename(path: str, write: Callable[[str], Result]) -> Result:
+    """`data.files.write_atomically` for tf.io.gfile paths, cloud storage included: `write`
+    writes `temporary_name(path)` (and returns what it likes), which is then renamed over
+    `path`; the temporary file is removed if either fails.
+
+    A runner may run a step more than once, even at the same time (a retry, a speculative
+    copy, a worker that lost its lease but not its process), so every attempt writes a file
+    of its own: attempts sharing one temporary name could interleave into a file none of
+    them wrote. All attempts write the same bytes, so the last rename wins harmlessly.
+    Nothing is fsynced: gfile cannot, and a cloud object is whole once closed.
+    """
+    temporary = temporary_name(path)
+    try:
+        result = write(temporary)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    except BaseException:
+        with contextlib.suppress(tf.errors.OpError):
+            tf.io.gfile.remove(temporary)
+        raise
+    return result
+
+
 def write_shard(records: Iterable[bytes], run: str, name: str) -> dict:
-    """Writes serialized records to RUN/NAME.partial (via a per-attempt file); its stats."""
-    attempt = os.path.join(run, f"{name}.{uuid.uuid4().hex[:8]}.partial")
-    count = 0
-    with tf.io.TFRecordWriter(attempt) as writer:
-        for record in records:
-            writer.write(record)
-            count += 1
+    """Writes serialized records to RUN/NAME.partial (`write_then_rename`); its stats."""
     final = os.path.join(run, name + ".partial")
-    tf.io.gfile.rename(attempt, final, overwrite=True)
+
+    def write(temporary: str) -> int:
+        count = 0
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for record in records:
+                writer.write(record)
+                count += 1
+        return count
+
+    count = write_then_rename(final, write)
     return {"file": name, "records": count, "bytes": tf.io.gfile.stat(final).length}
 
 
@@ -236,10 +266,13 @@ def read_manifest(output: str) -> dict:
 
 
 def _write_json(path: str, value: dict) -> None:
-    temporary = path + ".tmp"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        json.dump(value, f, indent=1)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    """Writes JSON to a gfile path atomically (`write_then_rename`)."""
+
+    def write(temporary: str) -> None:
+        with tf.io.gfile.GFile(temporary, "w") as f:
+            json.dump(value, f, indent=1)
+
+    write_then_rename(path, write)
 
 
 def run_pipeline(plan: Plan, options: "beam.options.pipeline_options.PipelineOptions", per_input: Callable,

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from mtss_train.data import video as video_lib
+from mtss_train.data.files import write_atomically
 from mtss_train.data.motion_saliency import DROP_REASONS, FrameMask, MaskSettings, masks_from_frames
 from mtss_train.errors import DataError, MtssError, cli_main
 
@@ -74,11 +76,8 @@ def extract_video(path: str, settings: MaskSettings) -> Iterator[FrameMask]:
 
 
 def _write_json(path: str, value: dict) -> None:
-    """Writes JSON atomically: a reader or a kill never sees half a file."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(temporary, path)
+    """Writes JSON atomically (`write_atomically`): a reader or a kill never sees half a file."""
+    write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(json.dumps(value, indent=1)))
 
 
 def _extract_into(path: str, work: str, settings: MaskSettings) -> dict:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
               "mtss_train.data.in_graph", "mtss_train.data.images", "mtss_train.data.masks",
               "mtss_train.data.labelled", "mtss_train.data.sample", "mtss_train.data.video",
               "mtss_train.data.motion_saliency", "mtss_train.data.motion_masks", "mtss_train.data.clip"]),
-    ("task API", ["mtss_train.task"]),
+    ("task API", ["mtss_train.task", "mtss_train.seeds"]),
     ("model", ["mtss_train.model", "mtss_train.model.*"]),
     ("checkpoints", ["mtss_train.ckpt", "mtss_train.ckpt.checkpoint_files", "mtss_train.loader"]),
     ("tasks", ["mtss_train.tasks", "mtss_train.tasks.*"]),

@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import re
 import sys
 from typing import Callable, Mapping
@@ -52,7 +53,7 @@ from mtss_train.ckpt import checkpoint_files
 from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import tf
-from mtss_train.data.files import is_tfrecord
+from mtss_train.data.files import is_tfrecord, write_atomically
 from mtss_train.data.images import IMAGE_EXTENSIONS, TFRECORD_IMAGE_KEY, decode_rgb, find_sources, read_file
 from mtss_train.data.labelled import LabelledData, fit_square, open_labelled
 from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
@@ -377,8 +378,9 @@ def main(argv: list[str]) -> None:
     written = write_checkpoint(prefix, found.values, values.out)
     provenance = {"checkpoint": prefix, "data": values.data, "image_size": image_size, "trunk_size": size,
                   "skipped": data.skipped.count, "version": VERSION, **found.summary()}
-    with open(os.path.join(values.out, PROVENANCE_FILE), "w") as f:
-        f.write(json.dumps(provenance, indent=2) + "\n")
+    text = json.dumps(provenance, indent=2) + "\n"
+    write_atomically(os.path.join(values.out, PROVENANCE_FILE),
+                     lambda temporary: pathlib.Path(temporary).write_text(text))
     print(f"re-estimated {found.summary()['layers']} BatchNorm layers on {found.images:,} images "
           f"({found.batches} batches of {found.batch_size}) of {values.data}; every other tensor copied "
           f"unchanged", file=sys.stderr)

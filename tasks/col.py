@@ -48,6 +48,7 @@ import dataclasses
 
 import numpy as np
 
+from mtss_train import seeds
 from mtss_train.model import colorspace
 from mtss_train.compat import slim, tf
 from mtss_train.data.source import Source
@@ -168,11 +169,7 @@ class Colorization(Task):
         return examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def _examples(self, images: tf.data.Dataset, seed: int) -> tf.data.Dataset:
-        numbered = tf.data.Dataset.zip(images, tf.data.Dataset.counter())
-        return numbered.map(
-            lambda image, i: self.make_example(image, tf.stack([tf.cast(seed, tf.int64), i])),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        return seeds.map_with_seeds(images, self.make_example, seed)
 
     def make_example(self, image: tf.Tensor, seed: tf.Tensor) -> Batch:
         """One example from an RGB image, all randomness drawn from `seed` ([2] int).
@@ -184,17 +181,15 @@ class Colorization(Task):
           'colour_fraction': [] float32, the share of cells with chroma >= min_chroma.
         """
         c = self.config
-        place_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        shape = tf.shape(image)[:2]
+        place_seed, flip_seed = seeds.split(seed, 2)
+        short_side = tf.reduce_min(tf.shape(image)[:2])
         # The crop's footprint in the image: C pixels of the resized image.
-        side = tf.cast(tf.round(c.crop / c.resize_side * tf.cast(tf.reduce_min(shape), tf.float32)), tf.int32)
-        side = tf.clip_by_value(side, 1, tf.reduce_min(shape))
-        corner = tf.cast(tf.random.stateless_uniform([2], place_seed) * tf.cast(shape - side + 1, tf.float32), tf.int32)
-        window = tf.slice(image, tf.concat([corner, [0]], 0), tf.stack([side, side, 3]))
+        side = tf.cast(tf.round(c.crop / c.resize_side * tf.cast(short_side, tf.float32)), tf.int32)
+        side = tf.clip_by_value(side, 1, short_side)
+        window = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), place_seed)
         crop = tf.image.resize(tf.cast(window, tf.float32), [c.crop, c.crop], antialias=True)
         crop = tf.cast(tf.round(tf.clip_by_value(crop, 0.0, 255.0)), tf.uint8)
-        flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-        crop = tf.cond(flip, lambda: tf.reverse(crop, [1]), lambda: crop)
+        crop = tf.image.stateless_random_flip_left_right(crop, flip_seed)
         ab = colorspace.rgb_to_lab(crop)[..., 1:]
         chroma = peak_chroma(ab, CELL)
         fraction = tf.reduce_mean(tf.cast(chroma >= c.min_chroma, tf.float32))

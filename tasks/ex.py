@@ -43,6 +43,7 @@ per-example loss is one value per image: the mean of its anchors' terms.
 
 import dataclasses
 
+from mtss_train import seeds
 from mtss_train.compat import slim, tf
 from mtss_train.errors import MtssError
 from mtss_train.task import Batch, Task, TaskConfig, register_task
@@ -124,12 +125,8 @@ class Exemplar(Task):
     def make_dataset(self, source: tf.data.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
         """Batches of {'views': [batch_size, V, S, S, 3] float32 RGB in [0, 255]}."""
         augmentation, views = self.augmentation, self.config.views
-        numbered = tf.data.Dataset.zip(source, tf.data.Dataset.counter())
-        examples = numbered.map(
-            lambda image, i: {
-                "views": augmentation.views(image, tf.stack([tf.cast(seed, tf.int64), i]), views)
-            },
-            num_parallel_calls=tf.data.AUTOTUNE,
+        examples = seeds.map_with_seeds(
+            source, lambda image, example_seed: {"views": augmentation.views(image, example_seed, views)}, seed
         )
         return examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from mtss_train import seeds
 from mtss_train.compat import tf
 
 # Principal axes (columns) of ImageNet RGB pixels, as used by AlexNet-style "PCA lighting"
@@ -92,7 +93,7 @@ class Augmentation:
         Returns:
           [count, size, size, 3] float32 RGB in [0, 255].
         """
-        patch_seed, warp_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        patch_seed, warp_seed, colour_seed = seeds.split(seed, 3)
         context, centre = self.seed_context(tf.cast(image, tf.float32), patch_seed)
         warped = self.warp(context, centre, warp_seed, count)
         return self.jitter_colour(warped / 255.0, colour_seed) * 255.0
@@ -109,7 +110,7 @@ class Augmentation:
           (context [h, w, 3] float32, centre [2] float32 (y, x) of the seed patch in it,
           in pixel-index coordinates).
         """
-        fraction_seed, centre_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        fraction_seed, centre_seed = seeds.split(seed, 2)
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         low, high = self.seed_fraction
         side = tf.random.stateless_uniform([], fraction_seed, low, high) * tf.reduce_min(shape)
@@ -140,7 +141,7 @@ class Augmentation:
         Returns:
           [count, size, size, 3] float32; pixels beyond `context` mirror it.
         """
-        shift_seed, scale_seed, angle_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        shift_seed, scale_seed, angle_seed, flip_seed = seeds.split(seed, 4)
         shift = tf.random.stateless_uniform([count, 2], shift_seed, -self.translation, self.translation) * self.size
         scale = tf.random.stateless_uniform([count], scale_seed, self.scale[0], self.scale[1])
         angle = tf.random.stateless_uniform([count], angle_seed, -1.0, 1.0) * math.radians(self.rotation_degrees)
@@ -171,9 +172,7 @@ class Augmentation:
           [V, S, S, 3] float32 RGB in [0, 1].
         """
         count = views.shape[0]
-        pca_seed, power_seed, factor_seed, shift_seed, hue_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, 5)
-        )
+        pca_seed, power_seed, factor_seed, shift_seed, hue_seed = seeds.split(seed, 5)
         log_pca = math.log(self.pca_factor)
         factors = tf.exp(tf.random.stateless_uniform([count, 3], pca_seed, -log_pca, log_pca))
         # M = E diag(f) E^-1 scales each principal component of the colour by its factor.

@@ -21,6 +21,7 @@ RGB frames (input_colour "rgb"): the paper harmonizes only relative position's i
 
 import dataclasses
 
+from mtss_train import seeds
 from mtss_train.compat import slim, tf
 from mtss_train.data.masks import MaskSource, mask_source
 from mtss_train.errors import MtssError
@@ -64,10 +65,8 @@ class MotionSegmentation(Task):
         return mask_source(path, MIN_IMAGE_SIDE)
 
     def make_dataset(self, source: tf.data.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
-        numbered = tf.data.Dataset.zip(source, tf.data.Dataset.counter())
-        examples = numbered.map(
-            lambda pair, i: self.make_example(pair["frame"], pair["mask"], tf.stack([tf.cast(seed, tf.int64), i])),
-            num_parallel_calls=tf.data.AUTOTUNE,
+        examples = seeds.map_with_seeds(
+            source, lambda pair, example_seed: self.make_example(pair["frame"], pair["mask"], example_seed), seed
         )
         return examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -83,18 +82,15 @@ class MotionSegmentation(Task):
           (C = crop; fractional at resampled edges).
         """
         c = self.config
-        scale_seed, place_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        scale_seed, place_seed, flip_seed = seeds.split(seed, 3)
         both = tf.concat([tf.cast(frame, tf.float32), tf.cast(mask, tf.float32)], axis=-1)  # One geometry.
-        shape = tf.shape(both)[:2]
         scale = tf.random.stateless_uniform([], scale_seed, c.min_scale, c.max_scale)
-        side = tf.maximum(tf.cast(tf.round(scale * tf.cast(tf.reduce_min(shape), tf.float32)), tf.int32), 1)
-        room = tf.cast(shape - side + 1, tf.float32)
-        corner = tf.cast(tf.random.stateless_uniform([2], place_seed) * room, tf.int32)
-        window = tf.slice(both, tf.concat([corner, [0]], 0), tf.stack([side, side, 4]))
+        short_side = tf.cast(tf.reduce_min(tf.shape(both)[:2]), tf.float32)
+        side = tf.maximum(tf.cast(tf.round(scale * short_side), tf.int32), 1)
+        window = tf.image.stateless_random_crop(both, tf.stack([side, side, 4]), place_seed)
         window = tf.image.resize(window, [c.crop, c.crop], antialias=True)
         if c.flip:
-            coin = tf.random.stateless_uniform([], flip_seed)
-            window = tf.cond(coin < 0.5, lambda: tf.reverse(window, [1]), lambda: window)
+            window = tf.image.stateless_random_flip_left_right(window, flip_seed)
         window = tf.ensure_shape(window, [c.crop, c.crop, 4])
         return {
             "frame": tf.clip_by_value(window[..., :3], 0.0, 255.0),

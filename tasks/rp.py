@@ -23,6 +23,7 @@ six times the trunk through block3 (27.5M), and dominate every rp step;
 import dataclasses
 import math
 
+from mtss_train import seeds
 from mtss_train.compat import slim, tf
 from mtss_train.errors import MtssError
 from mtss_train.task import Batch, Task, TaskConfig, register_task
@@ -75,11 +76,7 @@ class RelativePosition(Task):
         return 3 * c.patch_size + 2 * c.gap + 2 * c.jitter
 
     def make_dataset(self, images: tf.data.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
-        numbered = tf.data.Dataset.zip(images, tf.data.Dataset.counter())
-        pairs = numbered.map(
-            lambda image, i: self.make_pair(image, tf.stack([tf.cast(seed, tf.int64), i])),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        pairs = seeds.map_with_seeds(images, self.make_pair, seed)
         return pairs.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def make_pair(self, image: tf.Tensor, seed: tf.Tensor) -> Batch:
@@ -90,22 +87,22 @@ class RelativePosition(Task):
           0..7; 'corners': [2, 2] int32 top-left (y, x) of both patches in the resized image.
         """
         c = self.config
-        seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 7)))
-        image = self._resize(tf.cast(image, tf.float32), next(seeds))
-        label = tf.random.stateless_uniform([], next(seeds), 0, 8, tf.int32)
+        draws = iter(seeds.split(seed, 7))
+        image = self._resize(tf.cast(image, tf.float32), next(draws))
+        label = tf.random.stateless_uniform([], next(draws), 0, 8, tf.int32)
         grid_step = c.patch_size + c.gap
         room = tf.cast(tf.shape(image)[:2] - self.grid_span + 1, tf.float32)
         # Top-left of the centre cell, placed so all 8 neighbours (and their jitter) fit.
         centre = c.jitter + grid_step + tf.cast(
-            tf.random.stateless_uniform([2], next(seeds)) * room, tf.int32
+            tf.random.stateless_uniform([2], next(draws)) * room, tf.int32
         )
         offsets = tf.constant(NEIGHBOUR_OFFSETS, tf.int32)
         corners = tf.stack([centre, centre + offsets[label] * grid_step])
-        corners += tf.random.stateless_uniform([2, 2], next(seeds), -c.jitter, c.jitter + 1, tf.int32)
+        corners += tf.random.stateless_uniform([2, 2], next(draws), -c.jitter, c.jitter + 1, tf.int32)
         patches = [
             self._augment(
                 tf.slice(image, [corners[i, 0], corners[i, 1], 0], [c.patch_size, c.patch_size, 3]),
-                next(seeds),
+                next(draws),
             )
             for i in range(2)
         ]
@@ -122,9 +119,7 @@ class RelativePosition(Task):
 
     def _augment(self, patch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         c = self.config
-        channel_seed, noise_seed, side_seed, coin_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, 4)
-        )
+        channel_seed, noise_seed, side_seed, coin_seed = seeds.split(seed, 4)
         if c.color == "drop":
             keep = tf.one_hot(tf.random.stateless_uniform([], channel_seed, 0, 3, tf.int32), 3)
             kept = tf.reduce_sum(patch * keep, axis=-1, keepdims=True)

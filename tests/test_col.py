@@ -163,6 +163,20 @@ def test_example_keeps_the_ab_of_every_4th_pixel_and_the_peak_chroma_of_8_px_cel
     assert float(grey["colour_fraction"]) == 0.0 and float(tf.reduce_max(grey["chroma"])) < 1e-3
 
 
+def test_crops_take_every_position_alike_and_half_are_mirrored():
+    # Columns numbered by their value: a crop's smallest value tells where it was cut from.
+    image = np.repeat(np.tile(np.arange(0, 192, 2, dtype=np.uint8), (64, 1))[..., None], 3, -1)  # 64 x 96.
+    task = col_task(resize_side="64")  # The crop spans the height: 33 places along the width.
+    examples = task._examples(tf.data.Dataset.from_tensors(image).repeat(660), seed=0)
+    crops = np.stack([e["image"][0, :, 0] for e in examples.as_numpy_iterator()]).astype(int)
+    assert crops.shape == (660, 64)
+    counts = np.bincount(crops.min(1) // 2, minlength=33)
+    assert len(counts) == 33 and counts.min() >= 5 and counts.max() <= 40, counts  # 20 each on average.
+    mirrored = crops[:, 0] > crops[:, -1]
+    assert np.all(np.abs(np.diff(crops, axis=1)) == 2)  # Whole columns, one step apart: no resampling.
+    assert 0.4 < mirrored.mean() < 0.6
+
+
 def test_grey_regions_are_masked_at_the_head_resolution():
     image = photo("chelsea")[:200, :200].copy()
     # Grey from column 88 on: 28.2 px of the 64 px crop, so the cells of 16 px from 32 on

@@ -164,15 +164,18 @@ def test_objective_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
 
 
-def test_lbfgs_minimises_an_ill_conditioned_quadratic():
+def test_fit_stops_at_the_minimum_and_says_how_it_stopped():
     rng = np.random.default_rng(1)
-    basis = np.linalg.qr(rng.normal(size=[30, 30]))[0]
-    hessian = basis @ np.diag(np.logspace(0, 3, 30)) @ basis.T
-    target = rng.normal(size=30)
-    solution, info = lp.lbfgs(lambda p: (0.5 * (p - target) @ hessian @ (p - target), hessian @ (p - target)),
-                              np.zeros(30), tol=1e-8)
-    assert info["stop"] == "gradient"
-    np.testing.assert_allclose(solution, target, atol=1e-6)
+    x, labels = rng.normal(size=[80, 6]).astype(np.float32), rng.integers(0, 3, 80)
+    found = lp.fit(x, labels, 3, l2=0.1, tol=1e-4)
+    _, grad = lp.logistic_objective(x, labels, 3, l2=0.1)(found.params())
+    # The objective is strictly convex (l2 > 0): a vanishing gradient means its minimum.
+    assert found.info["converged"] and found.info["iterations"] > 2
+    assert np.abs(grad).max() <= 1e-4 and found.info["grad_max"] == pytest.approx(np.abs(grad).max())
+    again = lp.fit(x, labels, 3, l2=0.1, start=found, tol=1e-4)  # A warm start at the minimum stays there.
+    assert again.info["converged"] and again.info["iterations"] == 0
+    cut = lp.fit(x, labels, 3, l2=0.1, max_iter=2, tol=1e-4)
+    assert not cut.info["converged"] and cut.info["iterations"] == 2 and cut.info["loss"] > found.info["loss"]
 
 
 def test_the_penalty_is_chosen_without_looking_at_test_labels():

@@ -158,6 +158,18 @@ def test_tfrecords_without_a_usable_pair_fail_fast(tmp_path):
         mask_source(str(tmp_path))
 
 
+def test_a_truncated_tfrecord_file_of_pairs_gives_its_whole_records_and_is_counted_once(tmp_path):
+    write_pair_records(tmp_path / "a.tfrecord", [1, 2, 3])
+    path = tmp_path / "a.tfrecord"
+    whole = os.path.getsize(path)
+    os.truncate(path, whole - 100)  # The last record loses its end.
+    source = mask_source(str(tmp_path))
+    assert sorted(ids(source, 6)) == [1, 1, 1, 2, 2, 2]  # Three epochs of the two whole records.
+    [(key, reason)] = source.skipped.reasons().items()
+    assert key == str(path) and reason.startswith("truncated or corrupt TFRecord file (read 2 records, ")
+    assert reason.endswith(f" of its {whole - 100} bytes; the rest is lost)")
+
+
 # -- augmentation -------------------------------------------------------------------------
 def ms_task(**overrides: str) -> MotionSegmentation:
     return MotionSegmentation(make_config(MotionSegmentation, {"crop": "64", "head_width": "16", **overrides}))

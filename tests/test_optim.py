@@ -4,13 +4,14 @@ import os
 import subprocess
 import sys
 
+from typing import Callable
+
 import numpy as np
 import pytest
 
 from conftest import cli_env
-from mtss_train.compat import tf, tf_keras
+from mtss_train.compat import autocast, tf, tf_keras
 from mtss_train.train.optim import FusedRMSprop
-from tf_keras.src.mixed_precision import autocast_variable  # noqa: E402  After compat.
 
 FUSED_OP = "ResourceApplyRMSProp"
 SHAPES = [(3, 3, 4, 8), (8,), (6, 5)]
@@ -19,6 +20,18 @@ SHAPES = [(3, 3, 4, 8), (8,), (6, 5)]
 def initial_weights() -> list[np.ndarray]:
     rng = np.random.default_rng(17)
     return [rng.normal(size=shape).astype(np.float32) for shape in SHAPES]
+
+
+class Reads(tf_keras.layers.Layer):
+    """Reads variables inside a Keras layer's call, as the model does: under a mixed
+    policy, a float32 variable behind `autocast` reads in the compute dtype."""
+
+    def __init__(self, read: Callable[[], list[tf.Tensor]], compute_dtype: tf.DType):
+        super().__init__(dtype="float32" if compute_dtype == tf.float32 else f"mixed_{compute_dtype.name}")
+        self._read = read
+
+    def call(self, unused: tf.Tensor) -> list[tf.Tensor]:
+        return self._read()
 
 
 def train(optimizer: tf_keras.optimizers.Optimizer, steps: int = 6, compute_dtype: tf.DType = tf.float32,
@@ -33,14 +46,15 @@ def train(optimizer: tf_keras.optimizers.Optimizer, steps: int = 6, compute_dtyp
     with strategy.scope():
         variables = [tf.Variable(value) for value in initial_weights()]
         if mixed:  # As slim_layer stores mixed-precision weights: float32 behind a cast on read.
-            variables = [autocast_variable.create_autocast_variable(v) for v in variables]
+            variables = [autocast(v) for v in variables]
         optimizer.build(variables)
+    reader = Reads(lambda: [v * 1 for v in variables[:-1]]
+                   + [tf.gather(variables[-1], [0, 2, 2, 5]) if sparse else variables[-1] * 1], compute_dtype)
 
     def replica_step(step_gradients: list[tf.Tensor]) -> None:
         with tf.GradientTape() as tape:
-            with autocast_variable.enable_auto_cast_variables(compute_dtype if mixed else None):
-                reads = [v * 1 for v in variables[:-1]]
-                last = tf.gather(variables[-1], [0, 2, 2, 5]) if sparse else variables[-1] * 1
+            *reads, last = reader(tf.zeros([]))
+            assert {read.dtype for read in reads + [last]} == {compute_dtype}  # Mixed: low-precision reads.
             upstream = step_gradients[:-1] + [tf.gather(step_gradients[-1], [0, 2, 2, 5]) if sparse
                                               else step_gradients[-1]]
             loss = sum(tf.reduce_sum(tf.cast(read, tf.float32) * g) for read, g in zip(reads + [last], upstream))
@@ -53,7 +67,7 @@ def train(optimizer: tf_keras.optimizers.Optimizer, steps: int = 6, compute_dtyp
     for step_gradients in gradients:
         step(step_gradients)
     ops = {op.type for op in step.get_concrete_function(gradients[0]).graph.get_operations()}
-    state = variables + optimizer._velocities + optimizer._momentums
+    state = variables + list(optimizer.variables)  # The step counter and the slots.
     for variable in state:  # Every replica holds the same values.
         for local in strategy.experimental_local_results(variable)[1:]:
             np.testing.assert_array_equal(local.numpy(), variable.numpy())

@@ -6,6 +6,7 @@ from mtss_train.ckpt import inspector
 from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
+from mtss_train.errors import MtssError
 from mtss_train.model.slim_layer import SlimLayer
 
 
@@ -105,9 +106,11 @@ def test_vgg_preprocess_subtracts_the_imagenet_rgb_mean():
 
 
 def test_bad_trunk_arguments_raise():
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(MtssError, match="multiple of 4"):
         loader.trunk_layer("tiny", output_stride=6)
-    with pytest.raises(ValueError, match="unknown trunk size"):
+    with pytest.raises(MtssError, match="block3 reaches"):
+        loader.trunk_layer("tiny", output_stride=64)
+    with pytest.raises(MtssError, match="unknown trunk size"):
         trunk.trunk_blocks("152")
 
 

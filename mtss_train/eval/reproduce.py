@@ -35,6 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import dataclasses
 import json
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from mtss_train.ckpt import checkpoint_files
 from mtss_train import loader, recalibrate_bn
 from mtss_train.compat import tf
 from mtss_train.data.clip import sample_clip_masks
+from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import fit_square, read_idx
 from mtss_train.data.masks import FRAMES_DIR
 from mtss_train.data.sample import sample_photo_paths
@@ -162,20 +164,22 @@ def fashion_mnist_split(plan: Plan, split: str) -> str:
 def write_unlabelled_images(plan: Plan) -> str:
     """Fashion-MNIST's training images as PNG TFRecords at the probe's size; labels left out.
 
-    Written once under --out (to a temporary name, then renamed), reused by later runs."""
+    Written once under --out (atomically: `write_atomically`), reused by later runs."""
     limit = plan.unlabelled_limit
     path = os.path.join(plan.data_dir, f"fashion_mnist_train_{IMAGE_SIZE}px_{limit or 'all'}.tfrecord")
     if os.path.isfile(path):
         return path
     images = read_idx(fashion_mnist_split(plan, "train") + "-images-idx3-ubyte.gz")[:limit]
     os.makedirs(plan.data_dir, exist_ok=True)
-    partial = f"{path}.tmp{os.getpid()}"
-    with tf.io.TFRecordWriter(partial) as writer:
-        for image in images:
-            png = cv2.imencode(".png", fit_square(image, IMAGE_SIZE))[1].tobytes()
-            feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-    os.replace(partial, path)
+
+    def write(temporary: str) -> None:
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for image in images:
+                png = cv2.imencode(".png", fit_square(image, IMAGE_SIZE))[1].tobytes()
+                feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+    write_atomically(path, write)
     return path
 
 
@@ -283,8 +287,8 @@ def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]
         raise MtssError(f"pre-training {arm} (seed {seed}) failed with exit code {process.returncode}: "
                         f"{last} (full output: {log_path})")
     seconds = time.monotonic() - start
-    with open(timing, "w") as f:
-        json.dump({"seconds": seconds}, f)
+    # Atomically: a run killed while writing it would leave JSON the next run cannot parse.
+    write_atomically(timing, lambda temporary: pathlib.Path(temporary).write_text(json.dumps({"seconds": seconds})))
     return seconds
 
 

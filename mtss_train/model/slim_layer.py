@@ -9,10 +9,7 @@ so TF2 code needs no UPDATE_OPS handling.
 
 from typing import Any, Callable
 
-from mtss_train.compat import tf, tf_keras, track_tf1_style_variables
-
-# The wrapper Keras layers use for mixed-precision variables; not exported by tf_keras.
-from tf_keras.src.mixed_precision import autocast_variable  # noqa: E402  After compat.
+from mtss_train.compat import autocast, tf, tf_keras, track_tf1_style_variables
 
 
 def slim_name(variable: tf.Variable) -> str:
@@ -32,7 +29,7 @@ def _float32_storage(getter: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     requested = kwargs.get("dtype")
     if requested not in _LOW_PRECISION:
         return getter(*args, **kwargs)
-    return autocast_variable.create_autocast_variable(getter(*args, **{**kwargs, "dtype": tf.float32}))
+    return autocast(getter(*args, **{**kwargs, "dtype": tf.float32}))
 
 
 class SlimLayer(tf_keras.layers.Layer):

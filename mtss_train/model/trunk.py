@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 from tf_slim.nets import resnet_utils, resnet_v2
 
 from mtss_train.compat import slim, tf
+from mtss_train.errors import MtssError
 
 TRUNK_SCOPE = "resnet_v2_101"
 REPRESENTATION = TRUNK_SCOPE + "/block3"
@@ -42,12 +43,17 @@ _BLOCKS = {
     "tiny": (("block1", 8, 1), ("block2", 16, 1), ("block3", 32, 4)),
 }
 TRUNK_SIZES = tuple(_BLOCKS)
+ROOT_STRIDE = 4  # conv1 (stride 2) and pool1 (stride 2), before block1.
 
 
 def trunk_blocks(size: str = "101") -> list[resnet_utils.Block]:
-    """The slim block specs of the trunk: `size` is '101' (the real one) or 'tiny'."""
+    """The slim block specs of the trunk: `size` is '101' (the real one) or 'tiny'.
+
+    Raises:
+      MtssError: for another size (a user's setting reaches here, e.g. through the loader).
+    """
     if size not in _BLOCKS:
-        raise ValueError(f"unknown trunk size {size!r}; expected one of {TRUNK_SIZES}")
+        raise MtssError(f"unknown trunk size {size!r}; expected one of {', '.join(TRUNK_SIZES)}")
     return [
         resnet_v2.resnet_v2_block(scope, base_depth=depth, num_units=units, stride=2)
         for scope, depth, units in _BLOCKS[size]
@@ -93,14 +99,11 @@ def resnet_v2_101_block3(
       end_points: slim end points keyed by full name, e.g. 'resnet_v2_101/block3'.
 
     Raises:
-      ValueError: if output_stride is not a multiple of 4 or not reachable.
+      MtssError: if block3 cannot have `output_stride` (4, 8, 16 and 32 for the trunk's blocks).
     """
     blocks = trunk_blocks("101") if blocks is None else blocks
-    block_stride = None
-    if output_stride is not None:
-        if output_stride % 4 != 0:
-            raise ValueError(f"output_stride must be a multiple of 4, got {output_stride}")
-        block_stride = output_stride // 4  # The root block (conv1 + pool1) has stride 4.
+    check_output_stride(output_stride, blocks)
+    block_stride = None if output_stride is None else output_stride // ROOT_STRIDE
     with tf.compat.v1.variable_scope(scope, values=[inputs]) as sc:
         end_points_collection = sc.original_name_scope + "_end_points"
         with slim.arg_scope(
@@ -117,6 +120,20 @@ def resnet_v2_101_block3(
             # Eager calls all share one global graph, whose collection would grow forever.
             tf.compat.v1.get_default_graph().clear_collection(end_points_collection)
     return net, end_points
+
+
+def check_output_stride(output_stride: int | None, blocks: Sequence[resnet_utils.Block]) -> None:
+    """Raises MtssError unless block3 over `blocks` can have `output_stride` (None: the
+    nominal one). slim's `stack_blocks_dense` keeps each unit's stride until the running
+    stride reaches the target and dilates after it, so the target must be the root block's
+    stride times a running product of the units' strides: 4, 8, 16 or 32 for the trunk."""
+    reachable = [ROOT_STRIDE]
+    for unit in (unit for block in blocks for unit in block.args):
+        if unit["stride"] > 1:
+            reachable.append(reachable[-1] * unit["stride"])
+    if output_stride is not None and output_stride not in reachable:
+        raise MtssError(f"output_stride must be a multiple of 4 that block3 reaches "
+                        f"({', '.join(map(str, reachable))}), got {output_stride}")
 
 
 def block3_units(end_points: dict[str, tf.Tensor]) -> list[str]:
@@ -142,8 +159,12 @@ def block3_net(
     block3 at that stride over the same variables (one trace per value under tf.function).
     With `freeze_batch_norm`, BatchNorm uses (and keeps) its moving statistics also when
     `is_training`.
+
+    Raises:
+      MtssError: for an unknown `size` or an `output_stride` block3 cannot have.
     """
     blocks = trunk_blocks(size)
+    check_output_stride(output_stride, blocks)  # Now, not inside a Keras call that rewraps the error.
     default_stride = output_stride
 
     def net(

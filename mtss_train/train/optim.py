@@ -1,6 +1,6 @@
 """The optimizer and learning-rate schedule a TrainConfig asks for."""
 
-from mtss_train.compat import tf, tf_keras
+from mtss_train.compat import rmsprop_slots, tf, tf_keras
 from mtss_train.train.config import TrainConfig
 
 
@@ -26,10 +26,10 @@ class FusedRMSprop(tf_keras.optimizers.RMSprop):
         if isinstance(gradient, tf.IndexedSlices) or self.momentum <= 0 or self.centered:
             super().update_step(gradient, variable)
             return
-        index = self._index_dict[self._var_key(variable)]
+        mean_square, momentum_slot = rmsprop_slots(self, variable)
         dtype = variable.dtype  # An AutoCastVariable's dtype and handle are its float32 variable's.
         tf.raw_ops.ResourceApplyRMSProp(
-            var=variable.handle, ms=self._velocities[index].handle, mom=self._momentums[index].handle,
+            var=variable.handle, ms=mean_square.handle, mom=momentum_slot.handle,
             lr=tf.cast(self.learning_rate, dtype), rho=tf.cast(self.rho, dtype),
             momentum=tf.cast(self.momentum, dtype), epsilon=tf.cast(self.epsilon, dtype),
             grad=gradient, use_locking=False)
