@@ -5,6 +5,10 @@ prints its own lines (without a file name) for every truncated PNG it is handed.
 the header first lets the caller skip such files quietly and say why. PNG and JPEG (the
 formats `--data` reads) are understood; other formats give no answer and are left to the
 decoder.
+
+The input pipeline reads sizes with TF ops (`mtss_train.data.in_graph.header_size`) and
+asks `png_problem` only what is wrong with a PNG that did not decode; `image_size` serves
+the Python reader (`mtss_train.data.images.decode_rgb`).
 """
 
 import struct

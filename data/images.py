@@ -1,21 +1,18 @@
 """Images from a directory tree or TFRecords, decoded in tf.data; bad inputs are skipped.
 
-Reading and decoding use OpenCV inside `tf.numpy_function` (it releases the GIL, so
-parallel map scales) because a corrupt or vanished file must be skipped and counted, not
-abort the pipeline, and a count kept in Python is one the progress line can show. Every
-skipped input is counted once and named once in the log with the reason (unreadable,
-truncated, too small, too many pixels, ...). Headers are read before decoding, so an image
-over the pixel limit costs no memory and a truncated PNG never reaches libpng.
+Reading, checking and decoding are TF ops (see `mtss_train.data.in_graph`), one pipeline in
+every strategy: the parameter-server workers that build it themselves run what this process
+runs. A corrupt or vanished file is skipped, not fatal, and each skipped input is counted
+once and named once in the log with the reason (unreadable, truncated, too small, too many
+pixels, ...), wherever it was read. Sizes are read from the headers first, so an image over
+the pixel limit costs no memory. EXIF orientation is ignored, as in tensorflow/models slim.
 
-`dataset(..., pure_tf=True)` builds the same images from TF ops only, for parameter-server
-workers, which cannot call back into this process (see `mtss_train.data.in_graph`): bad
-inputs are skipped and named there too, but counted only in the log of the worker.
+Python code outside the pipeline (evaluation, BN recalibration, `prepare`, a plugin's own
+source) reads images with `read_file` and `decode_rgb`, which give the pipeline's pixels.
 """
 
-import contextlib
 import dataclasses
 import os
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -32,11 +29,10 @@ TFRECORD_IMAGE_KEY = "image/encoded"
 # Decoded images above this many pixels are skipped: a 12000x12000 photo alone takes
 # ~5 GB through decoding and resizing. Ten times a 24-megapixel camera's photos.
 DEFAULT_MAX_PIXELS = 50_000_000
-# Bytes a TFRecord adds around each record: length (8), its CRC (4), the data's CRC (4).
-_RECORD_OVERHEAD = 16
-_EMPTY = np.zeros([0, 0, 3], np.uint8)
 # Inputs the start-up check reads at most before it calls a source unusable.
 CHECK_LIMIT = 200
+# Why a record gave no encoded image; said more exactly when reported (see `_unparsed`).
+_NOT_AN_EXAMPLE = "not a tf.train.Example"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +41,6 @@ class ReadOptions:
 
     image_key: str = TFRECORD_IMAGE_KEY
     max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-_default_options = ReadOptions()
-
-
-@contextlib.contextmanager
-def read_options(options: ReadOptions) -> Iterator[None]:
-    """Within the block, sources opened without explicit options use `options`."""
-    global _default_options
-    previous, _default_options = _default_options, options
-    try:
-        yield
-    finally:
-        _default_options = previous
 
 
 def find_sources(path: str) -> tuple[str, list[str]]:
@@ -84,70 +66,65 @@ def find_sources(path: str) -> tuple[str, list[str]]:
     return "files", files
 
 
-def _size_problem(height: int, width: int, min_side: int, max_pixels: int) -> str:
-    if height * width > max_pixels:
-        return (f"too many pixels ({width}x{height} = {height * width / 1e6:.1f}M, over the limit of "
-                f"{max_pixels / 1e6:g}M, --max_image_pixels)")
-    if min(height, width) < min_side:
-        return f"too small ({width}x{height} px, both sides must be >= {min_side})"
-    return ""
+def explain(reason: str, evidence: bytes) -> str:
+    """A skip reason of the TF pipeline, said exactly where only Python can: why a file
+    could not be read (`evidence`: its path), what is wrong with an image that did not
+    decode (`evidence`: its bytes)."""
+    if reason == in_graph.UNREADABLE:
+        try:
+            open(evidence, "rb").close()
+        except OSError as e:
+            return f"{reason} ({e.strerror or type(e).__name__})"
+    elif reason == in_graph.UNDECODABLE:
+        return "empty" if not evidence else image_headers.png_problem(evidence) or reason
+    return reason
 
 
-def decode_image(encoded: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
-    """Encoded image -> (RGB uint8 [H, W, 3], '') or (None, why it was not usable).
+def file_sizes(paths: list[str]) -> list[int]:
+    """Each file's size in bytes; 1 for one that cannot be asked now, so reading it finds why."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.path.getsize(path))
+        except OSError:
+            sizes.append(1)
+    return sizes
 
-    PNG and JPEG headers are checked (structure, size) before anything is decoded.
+
+def decode_rgb(encoded: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """Encoded image -> RGB uint8 [H, W, 3], or None if unusable (empty, damaged, a side
+    under `min_side`, over `max_pixels` by its header): for Python code outside the input
+    pipeline (evaluation, BN recalibration, `prepare`, a plugin's own source).
+
+    OpenCV, not the pipeline's TF ops: TF ops run inside a tf.numpy_function hang a
+    parameter-server coordinator, where a plugin source's Python runs. The pixels are the
+    pipeline's: accurate JPEG DCT, EXIF orientation ignored (tests/test_images.py compares).
     """
-    if not encoded:
-        return None, "empty"
-    problem = image_headers.png_problem(encoded)
-    if problem:
-        return None, problem
+    if not encoded or image_headers.png_problem(encoded):
+        return None
     size = image_headers.image_size(encoded)
-    if size and _size_problem(*size, min_side, max_pixels):
-        return None, _size_problem(*size, min_side, max_pixels)
+    if size and not _fits(*size, min_side, max_pixels):
+        return None
     try:
-        # EXIF orientation ignored, as tf.io decoding (parameter-server workers) and
-        # tensorflow/models slim pipelines do: every pipeline sees the same pixels.
         image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error:  # Raised for some malformed input instead of None.
-        image = None
-    if image is None:
-        return None, "not a decodable image"
-    problem = _size_problem(*image.shape[:2], min_side, max_pixels)  # Formats without a header read.
-    return (None, problem) if problem else (cv2.cvtColor(image, cv2.COLOR_BGR2RGB), "")
+        return None
+    if image is None or not _fits(*image.shape[:2], min_side, max_pixels):
+        return None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def decode_rgb(encoded: bytes, min_side: int) -> np.ndarray | None:
-    """Encoded image -> RGB uint8 [H, W, 3], or None if unusable (see `decode_image`)."""
-    return decode_image(encoded, min_side)[0]
-
-
-def read_bytes(path: bytes | str) -> tuple[bytes, str]:
-    """(the file's bytes, '') or (b'', why it could not be read)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(), ""
-    except OSError as e:
-        return b"", f"could not be read ({e.strerror or type(e).__name__})"
+def _fits(height: int, width: int, min_side: int, max_pixels: int) -> bool:
+    return min(height, width) >= min_side and height * width <= max_pixels
 
 
 def read_file(path: bytes | str) -> bytes:
     """The file's bytes, or b'' if it cannot be read (e.g. deleted during the run)."""
-    return read_bytes(path)[0]
-
-
-def _unread_rest(path: str, records: int, consumed: int) -> str:
-    """Why a TFRecord file was not read to its end ('' if it was)."""
     try:
-        size = os.path.getsize(path)
-        if consumed >= size:
-            return ""
-        if consumed == 0:
-            open(path, "rb").close()  # Unreadable (e.g. permissions) rather than damaged?
-    except OSError as e:
-        return f"could not be read ({e.strerror or type(e).__name__})"
-    return f"truncated or corrupt TFRecord file (read {records} records, {consumed} of its {size} bytes; the rest is lost)"
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _category(reason: str) -> str:
@@ -162,33 +139,67 @@ class ImageSource:
       paths: the files.
       where: what to name in messages (the directory the user gave).
       min_side: images with a smaller side are skipped and counted.
-      options: TFRecord image key and pixel limit; default: those of `read_options`.
+      options: TFRecord image key and pixel limit.
+
+    Raises:
+      DataError: if none of the first CHECK_LIMIT inputs gives a usable image.
     """
 
+    builds_remotely = True
+
     def __init__(self, kind: str, paths: list[str], where: str, min_side: int = 32,
-                 options: ReadOptions | None = None):
+                 options: ReadOptions = ReadOptions()):
         self.kind, self.paths, self.path = kind, paths, where
         self.min_side = min_side
-        self.options = options or _default_options
+        self.options = options
         self.skipped = SkipCounter()
+        self._sizes = file_sizes(paths) if kind == "tfrecords" else []
         self._features_seen: list[str] = []  # Of a record without the image key, for messages.
         self._check_some_image_decodes()
 
+    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+        """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline.
+
+        Shards split the files round-robin in sorted order; with more shards than files, all
+        read all, in their own order. `seed` may be a scalar int64 tensor.
+        """
+        num_shards, index = shard
+        if num_shards > len(self.paths):
+            seed, num_shards, index = seed + index, 1, 0
+        mine = slice(index, None, num_shards)
+        report = self.skipped.reporter(self._explain)
+        if self.kind == "files":
+            inputs = in_graph.endless_permutations((self.paths[mine],), seed)
+        else:
+            inputs = in_graph.endless_records(self.paths[mine], self._sizes[mine], seed, report)
+        return self._images(inputs, report)
+
+    def _images(self, inputs: tf.data.Dataset, report: in_graph.Report, chunk: int = in_graph.CHUNK) -> tf.data.Dataset:
+        """The usable images of `inputs` (paths, or (key, record) of TFRecords)."""
+        if self.kind == "files":
+            examine, diagnose = self._examine_file, self._diagnose_file
+        else:
+            examine, diagnose = self._examine_record, self._diagnose_record
+        return in_graph.decoded(inputs, examine, diagnose, in_graph.empty_image, report, chunk)
+
     def _check_some_image_decodes(self) -> None:
-        # Fails fast instead of letting an all-bad source stall the endless pipeline. The
-        # bad inputs met here are named by the pipeline when it meets them, or in the error.
+        # Fails fast instead of letting an all-bad source stall the endless pipeline: the
+        # pipeline's own reading and decoding, over the first inputs in order, one at a time.
+        # The bad inputs met here are named by the pipeline when it meets them, or in the error.
         problems: dict[str, list[tuple[str, str]]] = {}
-        examined = 0
-        for element in self._records().as_numpy_iterator():
-            image, key, reason = self._examine(*(element if isinstance(element, tuple) else (element,)))
-            if image is not None:
-                return
-            if reason:
-                problems.setdefault(_category(reason), []).append((key, reason))
-                examined += 1
-                if examined == CHECK_LIMIT:
-                    break
-        self._raise_unusable(problems, examined)
+
+        def note(key: bytes, reason: bytes, evidence: bytes) -> None:
+            explained = self._explain(reason.decode(errors="replace"), evidence)
+            problems.setdefault(_category(explained), []).append((key.decode(errors="replace"), explained))
+
+        if self.kind == "files":
+            inputs = tf.data.Dataset.from_tensor_slices(self.paths[:CHECK_LIMIT])
+        else:
+            files = tf.data.Dataset.from_tensor_slices((self.paths, self._sizes))
+            inputs = in_graph.numbered_records(files, note).take(CHECK_LIMIT)
+        for _ in self._images(inputs, note, chunk=1).take(1):
+            return
+        self._raise_unusable(problems, sum(len(items) for items in problems.values()))
 
     def _raise_unusable(self, problems: dict[str, list[tuple[str, str]]], examined: int) -> None:
         wanted = f"no '{self.options.image_key}' feature"
@@ -198,7 +209,7 @@ class ImageSource:
                 f"records have: {', '.join(self._features_seen) or 'no features'} (pick one with --image_key)"
             )
         what = "image" if self.kind == "files" else "TFRecord"
-        first = f" (the first {examined} inputs)" if examined == CHECK_LIMIT else ""
+        first = f" (the first {examined} inputs)" if examined >= CHECK_LIMIT else ""
         found = "; ".join(f"{len(items)} {category}, e.g. {items[0][0]}{items[0][1][len(category):]}"
                           for category, items in problems.items()) or "they hold no records"
         raise DataError(
@@ -206,126 +217,42 @@ class ImageSource:
             f"(both sides >= {self.min_side} px, at most {self.options.max_pixels / 1e6:g}M pixels): {found}"
         )
 
-    def _examine_file(self, path: bytes) -> tuple[np.ndarray | None, str, str]:
-        """(image or None, key, reason) of an image file; reason '' if already skipped."""
-        key = path.decode()
-        if key in self.skipped:
-            return None, key, ""  # Known bad: not read (and its decoder noise not printed) again.
-        data, reason = read_bytes(path)
-        if reason:
-            return None, key, reason
-        image, reason = decode_image(data, self.min_side, self.options.max_pixels)
-        return image, key, reason
+    def _examine_file(self, path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        image, reason = in_graph.decode_rgb(tf.io.read_file(path), self.min_side, self.options.max_pixels)
+        return path, image, reason
 
-    def _examine(self, *element) -> tuple[np.ndarray | None, str, str]:
-        """(image or None, key, reason) of a dataset element (see `_records`)."""
-        return self._examine_record(*element) if self.kind == "tfrecords" else self._examine_file(*element)
+    def _diagnose_file(self, path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        data, read = in_graph.attempt(tf.io.read_file, path)
+        return path, tf.where(read, in_graph.UNDECODABLE, in_graph.UNREADABLE), tf.where(read, data, path)
 
-    def _examine_record(self, file: bytes, index: int, record: bytes, consumed: int) -> tuple[np.ndarray | None, str, str]:
-        """(image or None, key, reason) of a TFRecord record, or of a file's end marker
-        (index -1 - records read), which checks the file was read to its end."""
-        file = file.decode()
-        if index < 0:
-            return None, file, _unread_rest(file, -index - 1, consumed)
-        key = f"{file} (record {index})"
-        if key in self.skipped:
-            return None, key, ""
+    def _encoded(self, record: tf.Tensor) -> tf.Tensor:
+        """The record's encoded image; raises if it is no Example with bytes under the image key."""
+        feature = {self.options.image_key: tf.io.FixedLenFeature([], tf.string)}
+        return tf.io.parse_single_example(record, feature)[self.options.image_key]
+
+    def _examine_record(self, key: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        image, reason = in_graph.decode_rgb(self._encoded(record), self.min_side, self.options.max_pixels)
+        return key, image, reason
+
+    def _diagnose_record(self, key: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        encoded, parsed = in_graph.attempt(self._encoded, record)
+        return key, tf.where(parsed, in_graph.UNDECODABLE, _NOT_AN_EXAMPLE), tf.where(parsed, encoded, record)
+
+    def _explain(self, reason: str, evidence: bytes) -> str:
+        return self._unparsed(evidence) if reason == _NOT_AN_EXAMPLE else explain(reason, evidence)
+
+    def _unparsed(self, record: bytes) -> str:
+        """Why a record gave no encoded image: it is no Example, or it lacks the image key
+        (then the features it has are named, and kept for the start-up error)."""
         try:
-            example = tf.train.Example.FromString(record)
+            features = tf.train.Example.FromString(record).features.feature
         except Exception:  # noqa: BLE001  protobuf's DecodeError, whose module varies by version.
-            return None, key, "not a tf.train.Example"
-        features = example.features.feature
-        image_key = self.options.image_key
-        if image_key not in features or not features[image_key].bytes_list.value:
-            self._features_seen = self._features_seen or sorted(features)
-            return None, key, f"no '{image_key}' feature (the record has: {', '.join(sorted(features)) or 'none'})"
-        image, reason = decode_image(features[image_key].bytes_list.value[0], self.min_side, self.options.max_pixels)
-        return image, key, reason
-
-    def _decode(self, *element) -> np.ndarray:
-        """tf.numpy_function body: the image, or an empty one (counted) if unusable."""
-        image, key, reason = self._examine(*element)
-        if image is None:
-            if reason:
-                self.skipped.add(key, reason)
-            return _EMPTY
-        return image
-
-    def _file_records(self, path: tf.Tensor) -> tf.data.Dataset:
-        """(path, index, record, bytes read so far) of one TFRecord file, then an end marker
-        (index -1 - records read) whose byte count tells whether the file was read whole."""
-        # A truncated or corrupt record ends the file here; the end marker then reports it.
-        records = tf.data.TFRecordDataset(path).ignore_errors()
-        sized = records.map(lambda record: (record, tf.cast(tf.strings.length(record), tf.int64)))
-        end = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(-1, tf.int64)))
-
-        def count(state: tuple[tf.Tensor, tf.Tensor], element: tuple[tf.Tensor, tf.Tensor]):
-            index, consumed = state
-            record, length = element
-            is_end = length < 0
-            consumed += tf.where(is_end, tf.constant(0, tf.int64), length + _RECORD_OVERHEAD)
-            return (index + 1, consumed), (path, tf.where(is_end, -1 - index, index), record, consumed)
-
-        return sized.concatenate(end).scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), count)
-
-    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0), pure_tf: bool = False) -> tf.data.Dataset:
-        """Endless dataset of uint8 [H, W, 3]; `shard` = (num_shards, index) per input pipeline.
-
-        `pure_tf`: read and decode with TF ops only (see `mtss_train.data.in_graph`), for
-        pipelines that run on remote workers; `seed` may then be a tensor, and bad inputs
-        are named in the log where they are read.
-        """
-        num_shards, index = shard
-        if num_shards > len(self.paths):  # Too few files to split: all read all, own order.
-            seed, shard = seed + index, (1, 0)
-        if pure_tf:
-            return self._decoded_in_tf(self._records_in_tf(shard, seed))
-        records = self._records(shard).shuffle(min(len(self.paths), 10_000) if self.kind == "files" else 1_000,
-                                               seed=seed, reshuffle_each_iteration=True).repeat()
-        images = records.map(
-            lambda *element: tf.ensure_shape(
-                tf.numpy_function(self._decode, list(element), tf.uint8, stateful=False), [None, None, 3]
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        return images.filter(lambda image: tf.size(image) > 0)
-
-    def _records(self, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-        """Paths (kind 'files') or (file, index, record, bytes read) of this shard's TFRecords."""
-        paths = tf.data.Dataset.from_tensor_slices(self.paths)
-        if shard[0] > 1:
-            paths = paths.shard(*shard)
-        return paths if self.kind == "files" else paths.flat_map(self._file_records)
-
-    def _records_in_tf(self, shard: tuple[int, int], seed: int | tf.Tensor) -> tf.data.Dataset:
-        """Endless shuffled paths (kind 'files') or ('file (record index)', record) of this
-        shard, in TF ops only."""
-        paths = in_graph.endless_permutations((self.paths[shard[1]::shard[0]],), seed)
-        return paths if self.kind == "files" else in_graph.numbered_records(paths)
-
-    def _decoded_in_tf(self, records: tf.data.Dataset) -> tf.data.Dataset:
-        """Images of `_records_in_tf`, skipping bad ones, in TF ops only."""
-        if self.kind == "files":
-            encoded = in_graph.interleave_attempts(records.map(lambda path: (path, path)), in_graph.read, in_graph.unread)
-        else:
-            image_key = self.options.image_key
-            feature = {image_key: tf.io.FixedLenFeature([], tf.string)}
-            encoded = in_graph.interleave_attempts(
-                records,
-                lambda key, record: (key, tf.io.parse_single_example(record, feature)[image_key], tf.constant("")),
-                lambda key, record: (key, tf.constant(""), tf.constant(f"not a tf.train.Example with an '{image_key}' feature")),
-            )
-        min_side, max_pixels = self.min_side, self.options.max_pixels
-        images = in_graph.interleave_attempts(
-            encoded,
-            lambda key, data, reason: (key, *in_graph.decode_rgb(data, reason, min_side, max_pixels)),
-            lambda key, data, reason: (key, in_graph.empty_image(), tf.constant(in_graph.UNDECODABLE)),
-        )
-        return in_graph.drop_skipped(images).map(lambda image: tf.ensure_shape(image, [None, None, 3]))
+            return _NOT_AN_EXAMPLE
+        self._features_seen = self._features_seen or sorted(features)
+        return f"no '{self.options.image_key}' feature (the record has: {', '.join(sorted(features)) or 'none'})"
 
 
-def image_source(path: str | None, min_side: int, options: ReadOptions | None = None) -> ImageSource:
+def image_source(path: str | None, min_side: int, options: ReadOptions = ReadOptions()) -> ImageSource:
     """Images under `path`, or the embedded sample photos when `path` is None."""
     if path is None:
         return ImageSource("files", sample.sample_photo_paths(), "the embedded sample photos", min_side, options)

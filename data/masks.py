@@ -9,23 +9,20 @@ The extractor (`python -m mtss_train.data.motion_masks`) writes a directory
 A frame pairs with the mask of the same video id and frame name. TFRecords of
 `tf.train.Example`s with the keys 'image/encoded' and 'mask/encoded' work too.
 
-As in `mtss_train.data.images`, decoding runs OpenCV inside `tf.numpy_function`, so a
-corrupt or vanished file is skipped and counted (once, by path) instead of ending the
-endless pipeline; a frame without its mask (or a mask without its frame) is counted too.
-`dataset(..., pure_tf=True)` decodes with TF ops only, for parameter-server workers.
+As photos are (`mtss_train.data.images`), pairs are read and decoded with TF ops in every
+strategy (see `mtss_train.data.in_graph`): a corrupt or vanished file is skipped and counted
+once, by the path of the frame or mask that is bad (a record by its file and number),
+instead of ending the endless pipeline; a frame without its mask (or a mask without its
+frame) is counted too.
 """
 
-import hashlib
 import os
 from typing import Sequence
 
-import cv2
-import numpy as np
-
 from mtss_train.compat import tf
-from mtss_train.data.files import is_tfrecord, walk_files
 from mtss_train.data import in_graph
-from mtss_train.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb, read_file
+from mtss_train.data.files import is_tfrecord, walk_files
+from mtss_train.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, explain, file_sizes
 from mtss_train.data.source import SkipCounter
 from mtss_train.errors import DataError
 
@@ -37,6 +34,7 @@ LAYOUT_HINT = (
     "frames/<video>/<frame>.jpg and masks/<video>/<frame>.png, or TFRecords with "
     f"'{TFRECORD_FRAME_KEY}' and '{TFRECORD_MASK_KEY}'"
 )
+_NOT_A_PAIR = f"not a tf.train.Example with '{TFRECORD_FRAME_KEY}' and '{TFRECORD_MASK_KEY}' features"
 
 
 def _images_by_key(root: str, extensions: tuple[str, ...]) -> dict[str, str]:
@@ -79,29 +77,6 @@ def find_records(path: str) -> list[str]:
     return sorted(p for p in walk_files(path) if is_tfrecord(p))
 
 
-def decode_mask(encoded: bytes, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Encoded mask -> uint8 [H, W, 1] of 0 / 255, or None if unreadable or not `shape[:2]`."""
-    try:
-        mask = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_GRAYSCALE)
-    except cv2.error:
-        return None
-    if mask is None or mask.shape != tuple(shape[:2]):
-        return None
-    # Binarised at half range, so a resaved or rescaled mask still means 0 / 255.
-    return np.where(mask >= 128, 255, 0).astype(np.uint8)[..., None]
-
-
-def decode_pair(frame_bytes: bytes, mask_bytes: bytes, min_side: int) -> tuple[np.ndarray | None, str]:
-    """(RGB uint8 [H, W, 4] = frame channels + mask channel, '') or (None, which part was bad)."""
-    frame = decode_rgb(frame_bytes, min_side)
-    if frame is None:
-        return None, "frame"
-    mask = decode_mask(mask_bytes, frame.shape)
-    if mask is None:
-        return None, "mask"
-    return np.concatenate([frame, mask], axis=-1), ""
-
-
 class MaskSource:
     """Endless shuffled {'frame': uint8 [H, W, 3], 'mask': uint8 [H, W, 1]} examples.
 
@@ -111,138 +86,127 @@ class MaskSource:
       where: what messages name (the path the user gave).
       min_side: frames with a smaller side are skipped and counted.
       unpaired: frames or masks without a partner; counted as skipped.
+
+    Raises:
+      DataError: if no pair decodes.
     """
+
+    builds_remotely = True
 
     def __init__(self, kind: str, items: list, where: str, min_side: int = 16, unpaired: Sequence[str] = ()):
         self.kind, self.items, self.path = kind, items, where
         self.min_side = min_side
         self.skipped = SkipCounter()
+        self._sizes = file_sizes(items) if kind == "tfrecords" else []
         for path in unpaired:
             self.skipped.add(path)
         self._check_some_pair_decodes()
 
     def _check_some_pair_decodes(self) -> None:
-        # Fails fast instead of letting an all-bad source stall the endless pipeline.
-        for frame, mask in self._records().as_numpy_iterator():
-            if self._read_pair(frame, mask)[0] is not None:
-                return
+        # Fails fast instead of letting an all-bad source stall the endless pipeline: the
+        # pipeline's own decoding over the pairs in order, one at a time, until one is usable.
+        def ignore(key: bytes, reason: bytes, evidence: bytes) -> None:
+            """The pipeline names the bad pairs when it meets them."""
+
+        if self.kind == "files":
+            inputs = tf.data.Dataset.from_tensor_slices(tuple(list(column) for column in zip(*self.items)))
+        else:
+            inputs = in_graph.numbered_records(tf.data.Dataset.from_tensor_slices((self.items, self._sizes)), ignore)
+        for _ in self._pairs(inputs, ignore, chunk=1).take(1):
+            return
         what = "frame/mask pairs" if self.kind == "files" else f"TFRecord file(s) ('{TFRECORD_FRAME_KEY}' + '{TFRECORD_MASK_KEY}')"
         raise DataError(
             f"none of the {len(self.items)} {what} in {self.path} decoded to a frame with both sides "
             f">= {self.min_side} px and a mask of the same size"
         )
 
-    def _read_pair(self, frame: bytes, mask: bytes) -> tuple[np.ndarray | None, str]:
-        """Decodes one pair (paths for 'files', encoded bytes for TFRecords); (None, key) if bad."""
-        if self.kind == "files":
-            pair, bad = decode_pair(read_file(frame), read_file(mask), self.min_side)
-            return pair, (frame if bad == "frame" else mask).decode() if bad else ""
-        pair, bad = decode_pair(frame, mask, self.min_side)
-        return pair, hashlib.sha1(frame + mask).hexdigest() if bad else ""
-
-    def _decode(self, frame: bytes, mask: bytes) -> np.ndarray:
-        pair, key = self._read_pair(frame, mask)
-        if pair is None:
-            self.skipped.add(key)
-            return np.zeros([0, 0, 4], np.uint8)
-        return pair
-
-    def _records(self, items: list | None = None) -> tf.data.Dataset:
-        """(frame, mask) path pairs ('files') or encoded pairs read from `items`' TFRecords."""
-        items = self.items if items is None else items
-        if self.kind == "files":
-            frames, masks = zip(*items)
-            return tf.data.Dataset.from_tensor_slices((list(frames), list(masks)))
-        feature = {key: tf.io.FixedLenFeature([], tf.string) for key in (TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY)}
-
-        def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            example = tf.io.parse_single_example(record, feature)
-            return example[TFRECORD_FRAME_KEY], example[TFRECORD_MASK_KEY]
-
-        # A truncated file or a record missing a key is dropped (with a logged warning), not
-        # counted: tf.data cannot say which record failed.
-        return tf.data.TFRecordDataset(items).map(parse).ignore_errors(log_warning=True)
-
-    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0), pure_tf: bool = False) -> tf.data.Dataset:
+    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
         """Endless dataset of {'frame', 'mask'}; `shard` = (num_shards, index) per input pipeline.
 
         Shards split the pairs (or TFRecord files) round-robin in sorted order, so every
-        shard sees every video. With fewer items than shards, all read all in their own order.
-        `pure_tf`: read and decode with TF ops only (see `mtss_train.data.in_graph`), for
-        pipelines that run on remote workers; `seed` may then be a tensor, and bad pairs are
-        named in the log where they are read.
+        shard sees every video. With fewer items than shards, all read all in their own
+        order. Every epoch is a new order of all pairs: sorted pairs run video by video, and
+        a partial shuffle would fill batches with near-identical neighbouring frames. `seed`
+        may be a scalar int64 tensor.
         """
         num_shards, index = shard
-        items = self.items
+        items, sizes = self.items, self._sizes
         if num_shards > 1:
             if len(items) >= num_shards:
-                items = items[index::num_shards]
+                items, sizes = items[index::num_shards], sizes[index::num_shards]
             else:
                 seed += index
-        # A full shuffle of the (small) paths: sorted pairs run video by video, and a
-        # partial shuffle would fill batches with near-identical neighbouring frames.
-        if pure_tf:
-            return in_graph.drop_skipped(self._decoded_in_tf(self._records_in_tf(items, seed))).map(_split_pair)
-        buffer = len(items) if self.kind == "files" else 1_000
-        records = self._records(items).shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        pairs = records.map(
-            lambda frame, mask: tf.ensure_shape(
-                tf.numpy_function(self._decode, [frame, mask], tf.uint8, stateful=False), [None, None, 4]
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        return pairs.filter(lambda pair: tf.size(pair) > 0).map(_split_pair)
-
-    def _records_in_tf(self, items: list, seed: int | tf.Tensor) -> tf.data.Dataset:
-        """Endless shuffled (key, frame path, mask path) with the frame's path as key
-        ('files'), or ('file (record index)', record) of TFRecords; TF ops only."""
+        report = self.skipped.reporter(explain)
         if self.kind == "files":
-            frames, masks = (list(column) for column in zip(*items))
-            return in_graph.endless_permutations((frames, frames, masks), seed)
-        return in_graph.numbered_records(in_graph.endless_permutations((list(items),), seed))
-
-    def _decoded_in_tf(self, records: tf.data.Dataset) -> tf.data.Dataset:
-        """(key, uint8 [H, W, 4] frame + mask, reason) of `_records_in_tf`, in TF ops only."""
-        if self.kind == "files":
-            records = in_graph.interleave_attempts(
-                records,
-                lambda key, frame, mask: (key, tf.io.read_file(frame), tf.io.read_file(mask), tf.constant("")),
-                lambda key, frame, mask: (key, tf.constant(""), tf.constant(""),
-                                          tf.constant(f"it or its mask {in_graph.UNREADABLE}")),
-            )
+            inputs = in_graph.endless_permutations(tuple(list(column) for column in zip(*items)), seed)
         else:
-            feature = {key: tf.io.FixedLenFeature([], tf.string) for key in (TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY)}
+            inputs = in_graph.endless_records(items, sizes, seed, report)
+        return self._pairs(inputs, report).map(_split_pair)
 
-            def parsed(key: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, ...]:
-                example = tf.io.parse_single_example(record, feature)
-                return key, example[TFRECORD_FRAME_KEY], example[TFRECORD_MASK_KEY], tf.constant("")
+    def _pairs(self, inputs: tf.data.Dataset, report: in_graph.Report, chunk: int = in_graph.CHUNK) -> tf.data.Dataset:
+        """uint8 [H, W, 4] frame + mask of `inputs` ((frame, mask) paths, or (key, record))."""
+        if self.kind == "files":
+            examine, diagnose = self._examine_files, self._diagnose_files
+        else:
+            examine, diagnose = self._examine_record, self._diagnose_record
+        return in_graph.decoded(inputs, examine, diagnose, lambda: in_graph.empty_image(4), report, chunk)
 
-            records = in_graph.interleave_attempts(records, parsed, lambda key, record: (
-                key, tf.constant(""), tf.constant(""),
-                tf.constant(f"not a tf.train.Example with '{TFRECORD_FRAME_KEY}' and '{TFRECORD_MASK_KEY}' features")))
-        min_side = self.min_side
-        return in_graph.interleave_attempts(
-            records,
-            lambda key, frame, mask, reason: (key, *_decode_pair_in_tf(frame, mask, reason, min_side)),
-            lambda key, frame, mask, reason: (key, in_graph.empty_image(4),
-                                              tf.constant(f"it or its mask is {in_graph.UNDECODABLE}")),
-        )
+    def _decode_pair(self, frame: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(uint8 [H, W, 4], '', '') or (an empty pair, 'frame' or 'mask', why that one is
+        skipped); raises if the frame or the mask does not decode."""
+        image, reason = in_graph.decode_rgb(frame, self.min_side, DEFAULT_MAX_PIXELS)
+
+        def with_mask() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            decoded = in_graph.decode(mask, 1)
+            frame_size, mask_size = tf.shape(image)[:2], tf.shape(decoded)[:2]
+            # Binarised at half range, so a resaved or rescaled mask still means 0 / 255.
+            binary = tf.where(decoded >= 128, tf.constant(255, tf.uint8), tf.constant(0, tf.uint8))
+            misfit = tf.strings.join(["not its frame's size (", _size_text(mask_size), " px, the frame is ",
+                                      _size_text(frame_size), ")"])
+            return tf.cond(tf.reduce_all(frame_size == mask_size),
+                           lambda: (tf.concat([image, binary], -1), tf.constant(""), tf.constant("")),
+                           lambda: (in_graph.empty_image(4), tf.constant("mask"), misfit))
+
+        return tf.cond(tf.strings.length(reason) > 0,
+                       lambda: (in_graph.empty_image(4), tf.constant("frame"), reason), with_mask)
+
+    def _examine_files(self, frame: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        pair, part, reason = self._decode_pair(tf.io.read_file(frame), tf.io.read_file(mask))
+        return tf.where(part == "mask", mask, frame), pair, reason
+
+    def _frame_decodes(self, frame: tf.Tensor) -> tf.Tensor:
+        """Whether the frame's bytes decode (from its header only if it is too large)."""
+        return in_graph.attempt(lambda encoded: in_graph.decode_rgb(encoded, self.min_side, DEFAULT_MAX_PIXELS)[1],
+                                frame)[1]
+
+    def _diagnose_files(self, frame: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        frame_bytes, frame_read = in_graph.attempt(tf.io.read_file, frame)
+        mask_bytes, mask_read = in_graph.attempt(tf.io.read_file, mask)
+        unreadable, undecodable = tf.constant(in_graph.UNREADABLE), tf.constant(in_graph.UNDECODABLE)
+        return tf.case([(tf.logical_not(frame_read), lambda: (frame, unreadable, frame)),
+                        (tf.logical_not(self._frame_decodes(frame_bytes)), lambda: (frame, undecodable, frame_bytes)),
+                        (tf.logical_not(mask_read), lambda: (mask, unreadable, mask))],
+                       default=lambda: (mask, undecodable, mask_bytes))
+
+    def _parsed(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(encoded frame, encoded mask) of a record; raises if it is no Example with both."""
+        feature = {key: tf.io.FixedLenFeature([], tf.string) for key in (TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY)}
+        example = tf.io.parse_single_example(record, feature)
+        return example[TFRECORD_FRAME_KEY], example[TFRECORD_MASK_KEY]
+
+    def _examine_record(self, key: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        pair, part, reason = self._decode_pair(*self._parsed(record))
+        return key, pair, tf.where(tf.strings.length(reason) > 0, part + ": " + reason, reason)
+
+    def _diagnose_record(self, key: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        (frame, _), parsed = in_graph.attempt(self._parsed, record)
+        part = tf.where(self._frame_decodes(frame), "mask", "frame")
+        return key, tf.where(parsed, part + ": " + in_graph.UNDECODABLE, _NOT_A_PAIR), tf.constant(b"")
 
 
-def _decode_pair_in_tf(frame: tf.Tensor, mask: tf.Tensor, reason: tf.Tensor, min_side: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """`decode_pair` in TF ops: (uint8 [H, W, 4], '') or (an empty pair, why)."""
-    image, reason = in_graph.decode_rgb(frame, reason, min_side, DEFAULT_MAX_PIXELS)
-
-    def with_mask() -> tuple[tf.Tensor, tf.Tensor]:
-        decoded = tf.io.decode_png(mask, channels=1)
-        fits = tf.reduce_all(tf.shape(decoded)[:2] == tf.shape(image)[:2])
-        # Binarised at half range, so a resaved or rescaled mask still means 0 / 255.
-        binary = tf.where(decoded >= 128, tf.constant(255, tf.uint8), tf.constant(0, tf.uint8))
-        return tf.cond(fits, lambda: (tf.concat([image, binary], -1), tf.constant("")),
-                       lambda: (in_graph.empty_image(4), tf.constant("its mask is not the frame's size")))
-
-    return tf.cond(tf.strings.length(reason) > 0, lambda: (in_graph.empty_image(4), reason), with_mask)
+def _size_text(height_width: tf.Tensor) -> tf.Tensor:
+    """'WxH' of a [height, width] tensor."""
+    return tf.strings.as_string(height_width[1]) + "x" + tf.strings.as_string(height_width[0])
 
 
 def _split_pair(pair: tf.Tensor) -> dict[str, tf.Tensor]:

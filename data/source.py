@@ -1,7 +1,7 @@
 """What a task reads its raw examples from, and how bad inputs are counted and named."""
 
 import threading
-from typing import Protocol
+from typing import Callable, ClassVar, Protocol
 
 from absl import logging
 
@@ -32,6 +32,17 @@ class SkipCounter:
             self._reasons[key] = reason
         logging.warning("skipping %s: %s", key, reason)
 
+    def reporter(self, explain: Callable[[str, bytes], str]) -> Callable[[bytes, bytes, bytes], None]:
+        """A `report` for `mtss_train.data.in_graph.decoded`: (key, reason, evidence) as bytes ->
+        adds the key with `explain(reason, evidence)` as its reason, explained only when new."""
+
+        def report(key: bytes, reason: bytes, evidence: bytes) -> None:
+            name = key.decode(errors="replace")
+            if name not in self:
+                self.add(name, explain(reason.decode(errors="replace"), evidence))
+
+        return report
+
     def __contains__(self, key: str) -> bool:
         return key in self._keys
 
@@ -60,15 +71,21 @@ class Source(Protocol):
     Attributes:
       path: what messages name (the directory or file the user gave).
       skipped: the bad inputs met so far.
+      builds_remotely: optional, False if absent. True promises that `dataset` is TF ops
+        only (a Python call for a skipped input aside, as `mtss_train.data.in_graph` makes
+        it) and takes `seed` as a scalar int64 tensor, so each parameter-server worker
+        builds and reads it itself with a seed of its own. Otherwise such a worker's
+        pipeline gets the int seed and runs its Python in the coordinator.
     """
 
     path: str
     skipped: SkipCounter
+    builds_remotely: ClassVar[bool] = False
 
-    def dataset(self, seed: int, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-        """Endless, shuffled by `seed`; `shard` = (number of input pipelines, this one's index).
+    def dataset(self, seed: int | tf.Tensor, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+        """Endless, shuffled by `seed`; `shard` = (number of input pipelines, this one's index)."""
 
-        A source may also take `pure_tf: bool = False`: with True, build the dataset from
-        TF ops only (no tf.numpy_function), so parameter-server workers can run it
-        themselves; `seed` may then be a scalar int64 tensor.
-        """
+
+def builds_remotely(source: Source) -> bool:
+    """The source's `builds_remotely`, False for a source (e.g. a plugin's) that does not say."""
+    return bool(getattr(source, "builds_remotely", False))

@@ -27,7 +27,7 @@ import typing
 from typing import Any, Callable, ClassVar
 
 from mtss_train.compat import tf
-from mtss_train.data.images import image_source
+from mtss_train.data.images import ReadOptions, image_source
 from mtss_train.data.source import Source
 from mtss_train.errors import MtssError
 from mtss_train.registry import Registry, installed_names, load_by_path, load_entry_point
@@ -96,14 +96,18 @@ class Task(abc.ABC):
         """Variable scope of the head: its checkpoint keys start with it."""
         return f"{self.name}_head"
 
-    def open_source(self, path: str | None) -> Source:
+    def open_source(self, path: str | None, options: ReadOptions = ReadOptions()) -> Source:
         """This task's raw input at `path` (None: the embedded default); the shared decoded
         photos unless overridden. Called once per distinct (source_kind, path).
+
+        `options` (--image_key, --max_image_pixels) say how the shared photos are read; the
+        trainer passes them to tasks of source_kind "images" only, so a task reading its own
+        kind of data may override this as `open_source(self, path)`.
 
         Raises:
           DataError: if `path` is missing or holds nothing usable.
         """
-        return image_source(path, MIN_IMAGE_SIDE)
+        return image_source(path, MIN_IMAGE_SIDE, options)
 
     def check_source(self, source: Source, path: str | None) -> None:
         """Checks, once at start, that `source` (opened from `path`, perhaps by another task

@@ -1,4 +1,6 @@
-"""Image input: directories and TFRecords, bad files skipped and counted, clear errors."""
+"""Image input: directories and TFRecords, bad files skipped and counted, clear errors.
+
+The pipeline is TF ops (mtss_train.data.in_graph); tests/test_in_graph.py tests its parts."""
 
 import logging
 import os
@@ -11,8 +13,8 @@ import pytest
 import skimage.data
 
 from mtss_train.compat import tf
-from mtss_train.data import image_headers, sample
-from mtss_train.data.images import TFRECORD_IMAGE_KEY, ReadOptions, find_sources, image_source
+from mtss_train.data import in_graph, sample
+from mtss_train.data.images import TFRECORD_IMAGE_KEY, ReadOptions, decode_rgb, find_sources, image_source
 from mtss_train.errors import DataError
 
 
@@ -176,6 +178,14 @@ def test_a_truncated_tfrecord_file_is_named_in_a_warning_and_counted_once(tmp_pa
     assert source.skipped.count == 1
 
 
+def test_a_tfrecord_file_that_cannot_be_opened_is_counted_with_the_reason(tmp_path):
+    write_records(str(tmp_path / "a.tfrecord"), [png(skimage.data.coffee())])
+    os.symlink(tmp_path / "moved_away.tfrecord", tmp_path / "gone.tfrecord")
+    source = image_source(str(tmp_path), 32)
+    assert take_shapes(source, 3) == [(400, 600, 3)] * 3
+    assert source.skipped.reasons() == {str(tmp_path / "gone.tfrecord"): "could not be read (No such file or directory)"}
+
+
 def test_files_that_cannot_be_opened_are_reported_as_unreadable(tmp_path):
     os.symlink(tmp_path / "moved_away.jpg", tmp_path / "gone.jpg")  # A link to a moved file.
     expected = ["1 could not be read", "gone.jpg (No such file or directory)"]
@@ -199,25 +209,45 @@ def png_claiming(height: int, width: int) -> bytes:
 def test_headers_give_the_size_without_decoding():
     photo = skimage.data.chelsea()
     jpeg = cv2.imencode(".jpg", photo)[1].tobytes()
-    assert image_headers.image_size(png(photo)) == image_headers.image_size(jpeg) == (300, 451)
-    assert image_headers.image_size(png_claiming(12_000, 13_000)) == (12_000, 13_000)
-    assert image_headers.image_size(b"GIF89a...") is None
+
+    def size(encoded: bytes) -> tuple[int, int]:
+        return tuple(int(side) for side in in_graph.header_size(tf.constant(encoded)))
+
+    assert size(png(photo)) == size(jpeg) == (300, 451)
+    assert size(png_claiming(12_000, 13_000)) == (12_000, 13_000)
+    assert size(jpeg[:1000]) == (300, 451)  # The frame header is near the start.
+    assert size(b"GIF89a...") == (-1, -1)
 
 
-def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path, monkeypatch):
+def test_images_over_the_pixel_limit_are_skipped_from_their_header_before_decoding(tmp_path):
     write_photo(str(tmp_path / "cat.png"), skimage.data.chelsea())  # 135,300 pixels.
-    write_photo(str(tmp_path / "coffee.jpg"), skimage.data.coffee())  # 240,000 pixels.
-    (tmp_path / "huge.png").write_bytes(png_claiming(12_000, 12_000))
-    decoded = []
-    real_decode = cv2.imdecode
-    monkeypatch.setattr(cv2, "imdecode", lambda data, flags: decoded.append(len(data)) or real_decode(data, flags))
+    # Headers over the limit in front of data that does not decode: only a size read from
+    # the header says "too many pixels" of them.
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    (tmp_path / "coffee.jpg").write_bytes(jpeg[:2000])  # 240,000 pixels, then cut off.
+    (tmp_path / "huge.png").write_bytes(png_claiming(12_000, 12_000))  # Holds 40x40 pixels.
     source = image_source(str(tmp_path), 32, ReadOptions(max_pixels=200_000))
     assert set(take_shapes(source, 4)) == {(300, 451, 3)}
     assert source.skipped.reasons() == {
         str(tmp_path / "coffee.jpg"): "too many pixels (600x400 = 0.2M, over the limit of 0.2M, --max_image_pixels)",
         str(tmp_path / "huge.png"): "too many pixels (12000x12000 = 144.0M, over the limit of 0.2M, --max_image_pixels)",
     }
-    assert set(decoded) == {os.path.getsize(tmp_path / "cat.png")}  # Only the small one was decoded.
+    under_the_limit = image_source(str(tmp_path), 32, ReadOptions(max_pixels=200_000_000))
+    take_shapes(under_the_limit, 4)
+    assert under_the_limit.skipped.reasons() == {str(tmp_path / "coffee.jpg"): "not a decodable image",
+                                                 str(tmp_path / "huge.png"): "not a decodable image"}
+
+
+def test_the_python_reader_gives_the_pipelines_pixels_and_refuses_what_it_skips(tmp_path):
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    for name, encoded in (("a.png", png(skimage.data.chelsea())), ("b.jpg", jpeg)):
+        (tmp_path / name).write_bytes(encoded)
+        source = image_source(str(tmp_path / name), 32)
+        np.testing.assert_array_equal(decode_rgb(encoded, 32), next(iter(source.dataset(seed=0))).numpy())
+    assert decode_rgb(png(skimage.data.chelsea()), 301) is None  # Too small.
+    assert decode_rgb(png_claiming(12_000, 12_000), 32) is None  # Too many pixels, by its header.
+    assert decode_rgb(jpeg, 32, max_pixels=200_000) is None
+    assert decode_rgb(png(skimage.data.chelsea())[:5000], 32) is None and decode_rgb(b"", 32) is None
 
 
 def test_a_truncated_png_is_skipped_without_decoder_noise(tmp_path, capfd):

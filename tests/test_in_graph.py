@@ -1,6 +1,6 @@
-"""TF-ops-only input pipelines (`dataset(..., pure_tf=True)`), which parameter-server workers
-build themselves: the same images and pairs as the Python pipelines, bad inputs skipped and
-named, no Python in the graph, every epoch a new order from a seed that may be a tensor, and
+"""The one input pipeline's parts (mtss_train.data.in_graph): TF ops only, so
+parameter-server workers build it too; bad inputs skipped, counted and named through a
+Python call made for them alone; every epoch a new order from a seed that may be a tensor;
 every task's examples following such a seed."""
 
 import io
@@ -14,21 +14,71 @@ from PIL import Image
 
 from mtss_train.compat import tf
 from mtss_train.data import in_graph
-from mtss_train.data.images import ReadOptions, image_source
-from mtss_train.data.masks import mask_source
-from test_images import png, png_claiming, write_photo, write_records
-from mtss_train.data.masks import TFRECORD_FRAME_KEY
+from mtss_train.data.images import image_source
+from mtss_train.data.masks import TFRECORD_FRAME_KEY, mask_source
 from mtss_train.task import make_config, task_class
+from test_images import png, png_claiming, write_photo, write_records
 from test_ms import identify, numbered_pair, write_extracted, write_pair_records
 
 
-def skipped_lines(stderr: str) -> dict[str, str]:
-    """{key: reason} of the 'warning: skipping KEY: REASON' lines."""
-    lines = [line.split("warning: skipping ", 1)[1] for line in stderr.splitlines() if "warning: skipping " in line]
-    return dict(line.rsplit(": ", 1) if ": " in line else (line, "") for line in lines)
+class Reports(list):
+    """A `report` that keeps (key, reason, evidence) as str, str, bytes."""
+
+    def __call__(self, key: bytes, reason: bytes, evidence: bytes) -> None:
+        self.append((key.decode(), reason.decode(), bytes(evidence)))
 
 
-def test_bad_images_are_skipped_and_named_with_their_reason(tmp_path, capfd):
+def examine_numbers(text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """'7' -> 7; 'bad...' raises (as an unreadable file does); 'small...' is a soft skip."""
+    soft = tf.strings.regex_full_match(text, "small.*")
+    number = tf.cond(soft, lambda: tf.constant(-1), lambda: tf.strings.to_number(text, tf.int32))  # Raises on 'bad'.
+    return text, number, tf.where(soft, "too small", "")
+
+
+def diagnose_numbers(text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    return text, tf.constant("not a number"), text
+
+
+def numbers_through(items: list[str], chunk: int) -> tuple[list[int], Reports]:
+    reports = Reports()
+    values = in_graph.decoded(tf.data.Dataset.from_tensor_slices(items), examine_numbers, diagnose_numbers,
+                              lambda: tf.constant(-1), reports, chunk)
+    return [int(v) for v in values.as_numpy_iterator()], reports
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_raising_and_skipped_inputs_are_reported_in_order_wherever_they_fall_in_a_chunk(chunk):
+    # Bad inputs first, last, in runs longer than a chunk, and a whole chunk of them.
+    items = ["bad0", "1", "bad2", "bad3", "small4", "5", "bad6", "bad7", "bad8", "bad9", "10", "11", "bad12"]
+    values, reports = numbers_through(items, chunk)
+    assert values == [1, 5, 10, 11]
+    bad = [item for item in items if not item.isdigit()]
+    assert [key for key, _, _ in reports] == bad
+    assert all(reason == ("too small" if key.startswith("small") else "not a number") for key, reason, _ in reports)
+    assert [evidence for key, _, evidence in reports if key.startswith("bad")] == [
+        item.encode() for item in bad if item.startswith("bad")]
+
+
+def test_a_source_with_no_bad_input_reports_nothing():
+    values, reports = numbers_through([str(n) for n in range(40)], in_graph.CHUNK)
+    assert values == list(range(40)) and reports == []
+
+
+def test_skip_reports_are_python_only_for_bad_inputs_and_a_per_element_callback_is_seen():
+    reports = Reports()
+    numbers = in_graph.decoded(tf.data.Dataset.from_tensor_slices(["1", "bad"]), examine_numbers, diagnose_numbers,
+                               lambda: tf.constant(-1), reports)
+    assert not in_graph.calls_python(numbers)
+    assert in_graph.calls_python(numbers.map(lambda n: tf.numpy_function(lambda x: x, [n], tf.int32)))
+
+
+def test_attempt_gives_the_value_or_says_it_failed():
+    assert [x.numpy() for x in in_graph.attempt(tf.strings.to_number, tf.constant("2.5"))] == [2.5, True]
+    value, ok = in_graph.attempt(tf.strings.to_number, tf.constant("two"))
+    assert not ok and value.numpy() == 0
+
+
+def test_bad_images_are_skipped_counted_and_named_with_their_reason(tmp_path):
     chelsea = write_photo(str(tmp_path / "chelsea.png"), skimage.data.chelsea())
     write_photo(str(tmp_path / "coffee.jpg"), skimage.data.coffee())
     (tmp_path / "random.jpg").write_bytes(os.urandom(2000))
@@ -39,57 +89,60 @@ def test_bad_images_are_skipped_and_named_with_their_reason(tmp_path, capfd):
     vanishing = write_photo(str(tmp_path / "vanishing.png"), skimage.data.astronaut())
     source = image_source(str(tmp_path), min_side=32)
     os.remove(vanishing)  # After the source listed it.
-    dataset = source.dataset(seed=0, pure_tf=True)
-    assert not in_graph.calls_python(dataset) and in_graph.calls_python(source.dataset(seed=0))
+    dataset = source.dataset(seed=0)
+    assert not in_graph.calls_python(dataset)
     images = [image.numpy() for image in dataset.take(6)]  # Three epochs of the two good ones.
     assert sorted(image.shape for image in images) == [(300, 451, 3)] * 3 + [(400, 600, 3)] * 3
     np.testing.assert_array_equal(next(i for i in images if i.shape == (300, 451, 3)), skimage.data.chelsea())
-    skipped = skipped_lines(capfd.readouterr().err)
-    assert skipped == {
+    assert source.skipped.reasons() == {
         str(tmp_path / "random.jpg"): "not a decodable image",
-        str(tmp_path / "truncated.png"): "not a decodable image",
+        str(tmp_path / "truncated.png"): "truncated PNG (IDAT chunk at byte 33 ends past the file's 100 bytes)",
         str(tmp_path / "empty.jpeg"): "empty",
         str(tmp_path / "tiny.png"): "too small (100x8 px, both sides must be >= 32)",
         str(tmp_path / "huge.png"): "too many pixels (20000x20000 = 400.0M, over the limit of 50M, --max_image_pixels)",
-        vanishing: "could not be read",
+        vanishing: "could not be read (No such file or directory)",
     }
 
 
-def test_the_pixel_limit_applies(tmp_path, capfd):
-    write_photo(str(tmp_path / "chelsea.jpg"), skimage.data.chelsea())
-    write_photo(str(tmp_path / "small.jpg"), skimage.data.chelsea()[:100, :100])
-    source = image_source(str(tmp_path), 32, ReadOptions(max_pixels=50_000))
-    assert {image.shape for image in source.dataset(0, pure_tf=True).take(3)} == {(100, 100, 3)}
-    assert "chelsea.jpg: too many pixels (451x300 = 0.1M, over the limit of 0.05M" in capfd.readouterr().err
-
-
-def test_tfrecords_skip_records_that_are_not_usable(tmp_path, capfd):
+def test_tfrecords_skip_records_that_are_not_usable(tmp_path):
     path = write_records(str(tmp_path / "a.tfrecord"), [b"not an image", png(skimage.data.coffee()), b""])
+    other_key = tf.train.Example(features=tf.train.Features(feature={
+        "image/jpeg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png(skimage.data.coffee())]))}))
     with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord")) as writer:
         writer.write(b"not an Example")
+        writer.write(other_key.SerializeToString())
     source = image_source(str(tmp_path), 32)
-    dataset = source.dataset(seed=0, pure_tf=True)
+    dataset = source.dataset(seed=0)
     assert not in_graph.calls_python(dataset)
     assert {image.shape for image in dataset.take(3)} == {(400, 600, 3)}
-    skipped = skipped_lines(capfd.readouterr().err)
-    assert skipped[f"{path} (record 0)"] == "not a decodable image" and skipped[f"{path} (record 2)"] == "empty"
-    assert skipped[f"{tmp_path / 'b.tfrecord'} (record 0)"] == "not a tf.train.Example with an 'image/encoded' feature"
+    b = tmp_path / "b.tfrecord"
+    assert source.skipped.reasons() == {
+        f"{path} (record 0)": "not a decodable image", f"{path} (record 2)": "empty",
+        f"{b} (record 0)": "not a tf.train.Example",
+        f"{b} (record 1)": "no 'image/encoded' feature (the record has: image/jpeg)"}
 
 
-def test_mask_pairs_decode_as_in_python_and_bad_pairs_are_skipped(tmp_path, capfd):
-    root = write_extracted(tmp_path / "out", {"a": [numbered_pair(k) for k in range(4)]})
+def test_mask_pairs_are_skipped_by_the_file_that_is_bad(tmp_path):
+    pairs = [numbered_pair(k) for k in range(5)] + [numbered_pair(5, height=10), numbered_pair(6)]
+    root = write_extracted(tmp_path / "out", {"a": pairs})
     (open(os.path.join(root, "frames", "a", "000001.jpg"), "wb")).write(b"\xff\xd8 not a jpeg")
     assert cv2.imwrite(os.path.join(root, "masks", "a", "000002.png"), np.zeros([20, 20], np.uint8))
+    (open(os.path.join(root, "masks", "a", "000004.png"), "wb")).write(b"")
     source = mask_source(root)
-    dataset = source.dataset(seed=0, pure_tf=True)
+    os.remove(os.path.join(root, "masks", "a", "000006.png"))  # After the source listed it.
+    dataset = source.dataset(seed=0)
     assert not in_graph.calls_python(dataset)
     assert sorted(identify(example) for example in dataset.take(6)) == [0, 0, 0, 3, 3, 3]
-    skipped = skipped_lines(capfd.readouterr().err)
-    assert skipped == {os.path.join(root, "frames", "a", "000001.jpg"): "it or its mask is not a decodable image",
-                       os.path.join(root, "frames", "a", "000002.jpg"): "its mask is not the frame's size"}
+    assert source.skipped.reasons() == {
+        os.path.join(root, "frames", "a", "000001.jpg"): "not a decodable image",
+        os.path.join(root, "masks", "a", "000002.png"): "not its frame's size (20x20 px, the frame is 48x40)",
+        os.path.join(root, "masks", "a", "000004.png"): "empty",
+        os.path.join(root, "frames", "a", "000005.jpg"): "too small (48x10 px, both sides must be >= 16)",
+        os.path.join(root, "masks", "a", "000006.png"): "could not be read (No such file or directory)",
+    }
 
 
-def test_mask_tfrecords_name_the_records_they_skip_by_their_number(tmp_path, capfd):
+def test_mask_tfrecords_name_the_records_they_skip_by_their_number(tmp_path):
     path = tmp_path / "pairs.tfrecord"
     write_pair_records(path, [1, 2])
     good = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
@@ -98,24 +151,23 @@ def test_mask_tfrecords_name_the_records_they_skip_by_their_number(tmp_path, cap
     with tf.io.TFRecordWriter(str(path)) as writer:
         for record in (good[0], only_frame.SerializeToString(), good[1]):
             writer.write(record)
-    dataset = mask_source(str(path)).dataset(seed=0, pure_tf=True)
+    source = mask_source(str(path))
+    dataset = source.dataset(seed=0)
     assert not in_graph.calls_python(dataset)
     assert sorted(identify(example) for example in dataset.take(4)) == [1, 1, 2, 2]
-    skipped = capfd.readouterr().err
-    assert f"{path} (record 1)" in skipped and f"{path} (record 2)" not in skipped  # Numbered before the drop.
+    assert source.skipped.reasons() == {
+        f"{path} (record 1)": "not a tf.train.Example with 'image/encoded' and 'mask/encoded' features"}
 
 
-def test_every_pipeline_ignores_exif_orientation(tmp_path):
+def test_jpegs_decode_to_opencvs_pixels_without_their_exif_orientation(tmp_path):
     data = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned 90 degrees.
     Image.fromarray(skimage.data.chelsea()).save(data, "JPEG", exif=exif)
     (tmp_path / "turned.jpg").write_bytes(data.getvalue())
-    source = image_source(str(tmp_path), 32)
-    from_opencv = next(iter(source.dataset(seed=0))).numpy()
-    from_tf = next(iter(source.dataset(seed=0, pure_tf=True))).numpy()
-    assert from_opencv.shape == from_tf.shape == (300, 451, 3)
-    assert np.abs(from_opencv.astype(int) - from_tf).mean() < 2  # Two JPEG decoders, nearly the same pixels.
+    decoded = next(iter(image_source(str(tmp_path), 32).dataset(seed=0))).numpy()
+    opencv = cv2.imdecode(np.frombuffer(data.getvalue(), np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    np.testing.assert_array_equal(decoded, cv2.cvtColor(opencv, cv2.COLOR_BGR2RGB))  # Accurate DCT, libjpeg's default.
 
 
 def test_every_epoch_is_a_new_permutation_of_a_seed_that_may_be_a_tensor():
@@ -136,8 +188,22 @@ def test_the_source_order_follows_the_seed(tmp_path, seed):
     for name, image in (("a", skimage.data.chelsea()), ("b", skimage.data.coffee()), ("c", skimage.data.astronaut())):
         write_photo(str(tmp_path / f"{name}.png"), image)
     source = image_source(str(tmp_path), 32)
-    shapes = lambda s: [image.shape for image in source.dataset(s, pure_tf=True).take(6)]  # noqa: E731
+    shapes = lambda s: [image.shape for image in source.dataset(s).take(6)]  # noqa: E731
     assert shapes(seed) == shapes(seed) and shapes(seed) != shapes(tf.constant(seed + 10, tf.int64))
+
+
+def test_a_pipeline_traced_with_a_tensor_seed_still_counts_its_skips(tmp_path):
+    """As a parameter-server worker runs it: traced in a tf.function, seeded by a tensor."""
+    write_photo(str(tmp_path / "chelsea.png"), skimage.data.chelsea())
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    source = image_source(str(tmp_path), 32)
+
+    @tf.function
+    def shapes(seed: tf.Tensor) -> tf.Tensor:
+        return source.dataset(seed).take(3).map(tf.shape).batch(3).get_single_element()
+
+    assert shapes(tf.constant(5, tf.int64)).numpy().tolist() == [[300, 451, 3]] * 3
+    assert source.skipped.reasons() == {str(tmp_path / "broken.jpg"): "not a decodable image"}
 
 
 @pytest.mark.parametrize("name", ["rp", "col", "ex", "ms"])
@@ -149,7 +215,7 @@ def test_every_task_takes_a_tensor_seed_as_parameter_server_workers_give_it(name
 
     @tf.function  # As on a worker: the pipeline is traced with a symbolic seed.
     def first_batch_of(seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = source.dataset(tf.constant(0, tf.int64), pure_tf=True)
+        images = source.dataset(tf.constant(0, tf.int64))
         return task.make_dataset(images, 2, seed).take(1).get_single_element()
 
     def first_batch(seed: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Asynchronous parameter-server training on localhost: a coordinator (the chief), two
 workers that build and read their own input pipelines, one parameter server."""
 
+import json
 import os
 import re
 import shutil
@@ -51,8 +52,9 @@ def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_th
     assert "training rp, ex from step 0 to 6" in run.stderr
     assert re.search(r"step 6/6  rp: loss [\d.]+ .*  ex: loss [\d.]+", run.stderr)  # A save fetches every step.
     assert "calls Python" not in run.stderr  # The workers decode with TF ops, not the coordinator's Python.
-    worker_logs = [open(train_dir / f"worker-{i}.log").read() for i in range(2)]
-    assert any(f"warning: skipping {photos / 'broken.jpg'}: not a decodable image" in log for log in worker_logs)
+    # Named once, in the coordinator's log, whichever process met it (see the next test).
+    assert run.stderr.count(f"skipping {photos / 'broken.jpg'}: not a decodable image") == 1
+    assert f"inputs skipped in {photos}: 1 skipped: {photos / 'broken.jpg'}: not a decodable image" in run.stderr
 
     first, last = (str(train_dir / f"model.ckpt-{step}") for step in (3, 6))
     assert int(checkpoint_files.read_tensors(last, ["global_step"])["global_step"]) == 6
@@ -68,6 +70,49 @@ def test_a_parameter_server_job_trains_two_tasks_writes_a_loadable_checkpoint_th
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training rp, ex from step 6 to 8" in again.stderr
     assert int(checkpoint_files.read_tensors(checkpoint_files.latest(str(train_dir)), ["global_step"])["global_step"]) == 8
+
+
+# A coordinator that never reads its source itself: only the worker's pipeline meets broken.jpg.
+REMOTE_READER = """
+import json, sys
+from mtss_train.compat import tf
+from mtss_train.data.images import image_source
+
+strategy = tf.distribute.ParameterServerStrategy(tf.distribute.cluster_resolver.TFConfigClusterResolver())
+coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
+source = image_source(sys.argv[1], 32)
+before = source.skipped.count
+shapes = lambda context: source.dataset(tf.constant(3, tf.int64)).map(tf.shape)
+iterator = iter(coordinator.create_per_worker_dataset(lambda: strategy.distribute_datasets_from_function(shapes)))
+step = tf.function(lambda iterator: next(iterator))
+for _ in range(3 * len(source.paths)):  # Three epochs.
+    coordinator.schedule(step, args=(iterator,))
+coordinator.join()
+print(json.dumps({"before": before, "reasons": source.skipped.reasons()}))
+"""
+
+
+def test_the_skips_of_a_pipeline_a_worker_runs_are_counted_in_the_coordinator(tmp_path, photos):
+    chief_port, ps_port, worker_port = local_workers.free_ports(3)
+    cluster = {"chief": [f"localhost:{chief_port}"], "ps": [f"localhost:{ps_port}"],
+               "worker": [f"localhost:{worker_port}"]}
+    servers = []
+    try:
+        for job, port in (("ps", ps_port), ("worker", worker_port)):
+            with open(tmp_path / f"{job}.log", "w") as log:
+                servers.append(subprocess.Popen(
+                    [sys.executable, "-m", "mtss_train", "--strategy", "parameter_server", "--chief_gone_seconds", "5"],
+                    stdout=log, stderr=log, env=cli_env(TF_CONFIG=local_workers.tf_config(cluster, 0, job))))
+        coordinator = subprocess.run([sys.executable, "-c", REMOTE_READER, str(photos)], capture_output=True, text=True,
+                                     timeout=300, env=cli_env(TF_CONFIG=local_workers.tf_config(cluster, 0, "chief")))
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    assert coordinator.returncode == 0, coordinator.stderr[-3000:]
+    counted = json.loads(coordinator.stdout.strip().splitlines()[-1])
+    assert counted == {"before": 0, "reasons": {str(photos / "broken.jpg"): "not a decodable image"}}
+    assert "broken.jpg" not in (tmp_path / "worker.log").read_text()  # Named where it is counted.
 
 
 @pytest.mark.parametrize("target, signum", [("chief", signal.SIGTERM), ("group", signal.SIGINT)],

@@ -213,7 +213,7 @@ def measure_pipelines(trainer: Trainer, iterators: dict[str, Iterator], batches:
 
 
 def print_pipeline(name: str, result: dict) -> None:
-    rates = {k: 1 / s["wall_s"] for k, s in result["seconds"].items() if k != "input_pure_tf"}  # Its own line.
+    rates = {k: 1 / s["wall_s"] for k, s in result["seconds"].items()}
     print(f"{name}: " + "  ".join(f"{k} {v:.2f} batches/s" for k, v in rates.items()))
     cpu = {k: s["cpu_s"] for k, s in result["seconds"].items()}
     print(f"{name}: step/trunk time {rates['trunk'] / rates['step']:.2f}x  "
@@ -222,9 +222,6 @@ def print_pipeline(name: str, result: dict) -> None:
     print(f"{name}: input {result['input_per_core']:.1f} examples/s/core; trunk fwd+bwd consumes "
           f"{result['trunk_per_s']:.2f} examples/s ({result['trunk_per_core']:.2f}/s/core): one input core feeds "
           f"{result['input_over_trunk_per_core']:.1f} trunk cores; {result['cores_to_feed']:.2f} cores keep it fed")
-    if "input_pure_tf_per_core" in result:
-        print(f"{name}: TF-only input (as parameter-server workers build it) {result['input_pure_tf_per_core']:.1f} "
-              f"examples/s/core, {result['input_pure_tf_per_core'] / result['input_per_core']:.2f}x the OpenCV one's")
 
 
 def print_extractor(rates: dict) -> None:

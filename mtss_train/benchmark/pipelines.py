@@ -17,7 +17,6 @@ from mtss_train.compat import tf
 from mtss_train.data import video
 from mtss_train.data.clip import sample_clip_path
 from mtss_train.data.motion_saliency import MaskSettings, masks_from_frames
-from mtss_train.train.inputs import offers_pure_tf
 from mtss_train.task import Batch, Task
 from mtss_train.train.trainer import Trainer
 
@@ -59,16 +58,12 @@ def input_seconds(task: Task, source: tf.data.Dataset, batches: int, warmup: int
 def measure_task(trainer: Trainer, task: Task, batch: Batch, iterator: Iterator, calls: int,
                  warmup: int) -> dict[str, Sample]:
     """Seconds per batch of the task's input pipeline alone (at least INPUT_BATCHES
-    batches; also built from TF ops only, 'input_pure_tf', as parameter-server workers run
-    it, where the source offers that), the bare trunk's forward + backward, the trainer's
-    step on a fixed batch, and the step fed by `iterator` (whose pipeline refills its
-    buffers during the steps)."""
+    batches; the one pipeline every strategy runs, parameter-server workers included), the
+    bare trunk's forward + backward, the trainer's step on a fixed batch, and the step fed
+    by `iterator` (whose pipeline refills its buffers during the steps)."""
     train_step = trainer.runner.train_step((task.name,))
     source = trainer.sources[task.name]
     timed = {"input": input_seconds(task, source.dataset(seed=1), max(calls, INPUT_BATCHES), warmup)}
-    if offers_pure_tf(source):
-        timed["input_pure_tf"] = input_seconds(task, source.dataset(seed=1, pure_tf=True),
-                                               max(calls, INPUT_BATCHES), warmup)
     contenders = {
         "trunk": trunk_gradients_fn(trainer, task.name, batch),
         "step": lambda: train_step({task.name: batch}),
@@ -84,7 +79,6 @@ def feeding(samples: dict[str, Sample], examples: int) -> dict[str, float]:
 
     Returns:
       input_per_core: examples the pipeline makes per CPU-second;
-      input_pure_tf_per_core: the same of its TF-ops-only build, if timed;
       trunk_per_s, trunk_per_core: examples the trunk's fwd+bwd consumes per second (wall)
         and per CPU-second;
       input_over_trunk_per_core: how many trunk cores one input core can feed;
@@ -93,10 +87,8 @@ def feeding(samples: dict[str, Sample], examples: int) -> dict[str, float]:
     input_per_core = examples / samples["input"].cpu_s
     trunk_per_s = examples / samples["trunk"].wall_s
     trunk_per_core = examples / samples["trunk"].cpu_s
-    pure_tf = {"input_pure_tf_per_core": examples / samples["input_pure_tf"].cpu_s} if "input_pure_tf" in samples else {}
     return {
         "input_per_core": input_per_core,
-        **pure_tf,
         "trunk_per_s": trunk_per_s,
         "trunk_per_core": trunk_per_core,
         "input_over_trunk_per_core": input_per_core / trunk_per_core,

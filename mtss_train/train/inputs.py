@@ -5,33 +5,27 @@ kind of data; either way `--task_param TASK.data=PATH` gives it its own path. Ta
 kind and path share one Source, so a bad file is counted once however many tasks read it.
 """
 
-import inspect
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import logging
 
 from mtss_train.compat import tf
-from mtss_train.data.images import ReadOptions, read_options
+from mtss_train.data.images import ReadOptions
 from mtss_train.data.in_graph import calls_python
-from mtss_train.data.source import Source
+from mtss_train.data.source import Source, builds_remotely
 from mtss_train.errors import MtssError
-from mtss_train.train.steps import RemoteStepRunner
 from mtss_train.task import Task
 
 SHARED_KIND = "images"
+DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 
 def open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: bool = False,
-                 options: ReadOptions | None = None) -> dict[str, Source]:
+                 options: ReadOptions = ReadOptions()) -> dict[str, Source]:
     """Task name -> its Source. With `eval_split`, the tasks' held-out sources instead:
     `TASK.eval_data`, else `shared_path` for tasks of the shared kind; tasks with neither
-    are left out (they are not evaluated). `options` (TFRecord image key, pixel limit)
-    apply to the photos sources the tasks open."""
-    with read_options(options or ReadOptions()):
-        return _open_sources(tasks, shared_path, eval_split)
-
-
-def _open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: bool) -> dict[str, Source]:
+    are left out (they are not evaluated). `options` (TFRecord image key, pixel limit) say
+    how the shared photos are read: tasks of that kind get them (`Task.open_source`)."""
     opened: dict[tuple[str, str | None], Source] = {}
     sources = {}
     for task in tasks:
@@ -41,7 +35,7 @@ def _open_sources(tasks: Sequence[Task], shared_path: str | None, eval_split: bo
             continue
         key = (task.source_kind, path)
         if key not in opened:
-            opened[key] = task.open_source(path)
+            opened[key] = task.open_source(path, options) if task.source_kind == SHARED_KIND else task.open_source(path)
         task.check_source(opened[key], path)
         sources[task.name] = opened[key]
     return sources
@@ -91,35 +85,27 @@ def local_iterators(tasks: Sequence[Task], sources: dict[str, Source], seed: int
             for task, task_seed in task_seeds(tasks, seed)}
 
 
-def offers_pure_tf(source: Source) -> bool:
-    """Whether the source can build its dataset from TF ops only (`dataset(pure_tf=True)`)."""
-    return "pure_tf" in inspect.signature(source.dataset).parameters
-
-
-
-
-def per_worker_iterators(runner: RemoteStepRunner, tasks: Sequence[Task], sources: dict[str, Source],
-                         seed: int) -> dict[str, object]:
+def per_worker_iterators(per_worker_iterator: Callable[[DatasetFn], object], tasks: Sequence[Task],
+                         sources: dict[str, Source], seed: int) -> dict[str, object]:
     """One iterator per task over datasets that each parameter-server worker builds and
-    reads itself (with its sources' TF-only decoding), for `RemoteStepRunner.run`."""
+    reads itself; `per_worker_iterator` makes it from a dataset_fn (the step runner's)."""
     iterators = {}
     for task, task_seed in task_seeds(tasks, seed):
         source = sources[task.name]
-        pure_tf = {"pure_tf": True} if offers_pure_tf(source) else {}
-        if calls_python(task.make_dataset(source.dataset(task_seed, **pure_tf), task.config.batch_size, task_seed)):
+        remote = builds_remotely(source)
+        if calls_python(task.make_dataset(source.dataset(task_seed), task.config.batch_size, task_seed)):
             logging.warning(
                 "the input pipeline of task %s calls Python (tf.numpy_function or tf.py_function, in its make_dataset "
                 "or in the dataset() of its source %s): under --strategy parameter_server that Python runs in the "
                 "coordinator, which then prepares every worker's batches", task.name, type(source).__name__)
 
         def dataset_fn(context: tf.distribute.InputContext, task: Task = task, source: Source = source,
-                       task_seed: int = task_seed, pure_tf: dict = pure_tf) -> tf.data.Dataset:
+                       task_seed: int = task_seed, remote: bool = remote) -> tf.data.Dataset:
             # Every worker runs this one traced function: its clock gives it its own order and
-            # augmentation. A source without pure_tf gets the int it was promised.
+            # augmentation. A source that does not build remotely gets the int it was promised.
             worker_seed = task_seed + tf.cast(tf.timestamp() * 1e6, tf.int64) % 2**31
             batch = context.get_per_replica_batch_size(task.config.batch_size)
-            return task.make_dataset(source.dataset(worker_seed if pure_tf else task_seed, **pure_tf), batch,
-                                     worker_seed)
+            return task.make_dataset(source.dataset(worker_seed if remote else task_seed), batch, worker_seed)
 
-        iterators[task.name] = runner.per_worker_iterator(dataset_fn)
+        iterators[task.name] = per_worker_iterator(dataset_fn)
     return iterators

@@ -229,7 +229,7 @@ class Trainer:
             write_config(config, self.tasks, os.path.join(config.train_dir, "flags.json"))
         if self.remote:
             self._local_iterators = iterators
-            iterators = inputs.per_worker_iterators(self.runner, self.tasks, self.sources, config.seed + start)
+            iterators = inputs.per_worker_iterators(self.runner.per_worker_iterator, self.tasks, self.sources, config.seed + start)
         return iterators, first
 
     def _writer(self) -> tf.summary.SummaryWriter:
