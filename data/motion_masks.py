@@ -30,7 +30,8 @@ Of the ~55 ms per 320x240 frame, DIS flow (both ways) takes ~25 ms and SLIC ~22 
 scale with the pixel count.
 """
 
-from mtss_train import startup  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
+if __name__ == "__main__":  # As a program only: the sample clip's extraction imports this module as a library.
+    from mtss_train import startup  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
 
 import dataclasses
 import json
@@ -38,9 +39,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
-import time
 from concurrent import futures
 from typing import Iterator
 
@@ -52,6 +51,7 @@ from mtss_train.data import video as video_lib
 from mtss_train.data.files import write_atomically
 from mtss_train.data.motion_saliency import DROP_REASONS, FrameMask, MaskSettings, masks_from_frames
 from mtss_train.errors import DataError, MtssError, cli_main
+from mtss_train.progress import ProgressLine
 
 MANIFEST_VERSION = 1
 
@@ -170,28 +170,6 @@ def write_manifest(out: str, videos: str, settings: MaskSettings) -> dict:
     return manifest
 
 
-class _Progress:
-    """One status line on stderr: videos done, frames, speed and ETA (rewritten in place on a tty)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.done = self.frames = 0
-        self.start = time.monotonic()
-
-    def update(self, record: dict) -> None:
-        self.done += 1
-        self.frames += record["frames_read"]
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.start
-        eta = int(elapsed / self.done * (self.total - self.done))
-        line = (f"{self.done}/{self.total} videos, {self.frames} frames ({self.frames / max(elapsed, 1e-9):.1f}/s), "
-                f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        tty = sys.stderr.isatty()
-        end = "" if tty and self.done < self.total else "\n"
-        print(("\r" if tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
 def _worker_init() -> None:
     cv2.setNumThreads(1)  # One process per core; OpenCV's own threads would oversubscribe.
 
@@ -214,21 +192,29 @@ def extract_directory(videos: str, out: str, settings: MaskSettings, workers: in
     write_manifest(out, videos, settings)
     todo = [n for n in names if not os.path.isfile(os.path.join(out, "videos", n + ".json"))]
     logging.info("%d videos under %s, %d already done, %d to do", len(names), videos, len(names) - len(todo), len(todo))
-    bar = _Progress(len(todo), progress)
+    bar = ProgressLine("motion masks", len(todo), "videos", enabled=progress)
+    frames = 0
+
+    def finished(record: dict) -> None:
+        nonlocal frames
+        frames += record["frames_read"]
+        bar.advance(detail=f"{frames:,} frames ({frames / max(bar.seconds, 1e-9):.1f}/s)")
+
     jobs = [(names[n], n, os.path.relpath(names[n], videos) if os.path.isdir(videos) else os.path.basename(videos),
              out, dataclasses.asdict(settings)) for n in todo]
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            bar.update(process_video(*job))
+            finished(process_video(*job))
     else:
         context = multiprocessing.get_context("spawn")  # Forking a process that runs TF can deadlock.
         with futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_worker_init) as pool:
             try:
                 for done in futures.as_completed([pool.submit(process_video, *job) for job in jobs]):
-                    bar.update(done.result())
+                    finished(done.result())
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+    bar.finish(detail=f"{frames:,} frames")
     manifest = write_manifest(out, videos, settings)
     skipped = {n: r["error"] for n, r in manifest["videos"].items() if r["status"] != "ok"}
     for name, error in skipped.items():

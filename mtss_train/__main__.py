@@ -42,10 +42,11 @@ from absl import app, flags  # noqa: E402
 
 from mtss_train.compat import tf  # noqa: E402
 from mtss_train.configs import expand_config, shipped_configs  # noqa: E402
-from mtss_train.errors import INTERRUPTED_EXIT_CODE, MtssError, ctrl_c_wins, raise_keyboard_interrupt  # noqa: E402
+from mtss_train.errors import (INTERRUPTED_EXIT_CODE, MtssError, ctrl_c_wins, message,  # noqa: E402
+                               raise_keyboard_interrupt)
 from mtss_train.train.config import build_tasks  # noqa: E402
 from mtss_train.train.config_flags import TrainConfigFlags  # noqa: E402
-from mtss_train.train.distribution import serve_if_server  # noqa: E402
+from mtss_train.train.distribution import parameter_server_cluster, serve_if_server  # noqa: E402
 from mtss_train.train.trainer import Trainer  # noqa: E402
 
 _CONFIG = flags.DEFINE_string(
@@ -62,12 +63,14 @@ def main(argv: list[str]) -> None:
         raise MtssError(f"unexpected arguments {argv[1:]}; everything is a --flag")
     tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce at INFO.
     config = _SETTINGS.config()
+    cluster = None
     if config.strategy == "parameter_server":  # Its workers and ps fail on bad flags as the chief does.
         config.validate()
         build_tasks(config)
-    if serve_if_server(config.strategy, _CHIEF_GONE_SECONDS.value):  # A parameter-server job's worker or ps.
-        return
-    trainer = Trainer(config)
+        cluster = parameter_server_cluster()
+        if serve_if_server(cluster, _CHIEF_GONE_SECONDS.value):  # This process is a worker or ps.
+            return
+    trainer = Trainer(config, cluster)
     checkpoint = trainer.train()
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
@@ -108,7 +111,7 @@ def run() -> None:
         with ctrl_c_wins():
             app.run(main, argv=expand_config(sys.argv))
     except MtssError as e:
-        _leave(f"error: {e}", 2)
+        _leave(f"error: {message(e)}", 2)
     except KeyboardInterrupt:  # The training loop stops on Ctrl-C itself: this one came before it.
         _leave(INTERRUPTED_AT_START, INTERRUPTED_EXIT_CODE)
 

@@ -36,13 +36,23 @@ def cli_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         try:
             main(argv)
         except MtssError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message(e)}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("error: interrupted (Ctrl-C)", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_CODE)
 
     return wrapped
+
+
+def message(error: MtssError) -> str:
+    """The error's own message. Keras re-raises an error from a layer's call as a new one of
+    the same class whose message adds the layer's name and call arguments (several lines);
+    the original is its context."""
+    inner = error.__context__
+    while isinstance(inner, MtssError) and str(inner) in str(error):
+        error, inner = inner, inner.__context__
+    return str(error)
 
 
 def raise_keyboard_interrupt(signum: int, frame: object) -> None:

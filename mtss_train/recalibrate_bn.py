@@ -59,6 +59,7 @@ from mtss_train.data.labelled import LabelledData, fit_square, open_labelled
 from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
 from mtss_train.eval import features as feats
 from mtss_train.model.slim_layer import slim_name
+from mtss_train.progress import ProgressLine
 
 DEFAULT_BATCHES = 100
 DEFAULT_BATCH_SIZE = 64
@@ -234,7 +235,7 @@ def recalibrate(
     """
     if isinstance(weights, str):
         weights = checkpoint_files.resolve(weights)
-        trunk_size = trunk_size or feats.detect_trunk_size(weights) or "101"
+        trunk_size = trunk_size or loader.detect_trunk_size(weights) or "101"
     elif trunk_size is None:
         raise ValueError("recalibrate needs trunk_size when given weights rather than a checkpoint")
     graph, inputs, moments, restore = _moments_graph(weights, trunk_size, output_stride)
@@ -242,7 +243,7 @@ def recalibrate(
     pooled = {scope: (0, 0.0, 0.0) for scope in moments}
     known = len(images) if isinstance(images, np.ndarray) else available
     total = batch_size * (batches if known is None else min(batches, known // batch_size))
-    progress = feats.Progress(progress_label, total) if progress_label else None
+    progress = ProgressLine(progress_label, total, "images") if progress_label else None
     used = short = 0
     # The images come from eager tf.data, so `graph` is the default only while restoring.
     sess = tf.compat.v1.Session(graph=graph)
@@ -257,11 +258,11 @@ def recalibrate(
                 pooled[scope] = _combine(pooled[scope], found)
             used += 1
             if progress:
-                progress.update(len(batch))
+                progress.advance(len(batch))
     finally:
         sess.close()
     if progress:
-        progress.done()
+        progress.finish()
     if not used:
         raise DataError("no usable image" if not short else f"only {short} usable image(s), fewer than "
                         f"one batch of {batch_size}: pass a smaller batch size")
@@ -317,7 +318,7 @@ def check_out_dir(out_dir: str) -> None:
         raise MtssError(f"{out_dir} already holds checkpoint {existing}; write the recalibrated one to a new directory")
 
 
-class RecalibratedTrunk(feats.Trunk):
+class RecalibratedTrunk(loader.Trunk):
     """A feature extractor's trunk whose BatchNorm statistics are re-estimated on `data`
     (its first `batches` batches of `settings.batch_size`, within `limit`) before the first
     feature is computed; the checkpoint on disk is not touched.
@@ -363,7 +364,7 @@ def main(argv: list[str]) -> None:
         if values[name].value is not None and values[name].value < 1:
             raise MtssError(f"--{name} must be positive, got {values[name].value}")
     prefix = checkpoint_files.resolve(values.checkpoint)
-    held = feats.detect_trunk_size(prefix)
+    held = loader.detect_trunk_size(prefix)
     size = values.trunk_size or held or "101"
     if held and held != size:
         raise CheckpointError(f"checkpoint {prefix} holds the {held} trunk, not the {size}: pass --trunk_size {held}")

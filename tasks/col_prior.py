@@ -21,9 +21,6 @@ import io
 import json
 import os
 import pathlib
-import sys
-import time
-from typing import Callable, TextIO
 
 import numpy as np
 from absl import app, flags, logging
@@ -35,6 +32,7 @@ from mtss_train.data.files import write_atomically
 from mtss_train.data.images import image_source
 from mtss_train.data.source import Source
 from mtss_train.errors import DataError, MtssError, cli_main
+from mtss_train.progress import ProgressLine
 from mtss_train.task import MIN_IMAGE_SIDE
 from mtss_train.tasks import col_encoding as encoding
 from mtss_train.tasks.col import DATA_PRIOR, UNIFORM_PRIOR, Colorization, peak_chroma
@@ -56,7 +54,7 @@ def image_counts(image: tf.Tensor, side: int, cell: int, min_chroma: float) -> t
 
 
 def estimate_counts(images: tf.data.Dataset, count: int, config: Colorization.Config,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+                    progress: ProgressLine | None = None) -> tuple[np.ndarray, int]:
     """(bin counts [313] float64, images read) over the first `count` images of `images`,
     with cells as col trains on them (`config`: resize_side, output_stride, min_chroma)."""
     histograms = images.take(count).map(
@@ -69,28 +67,10 @@ def estimate_counts(images: tf.data.Dataset, count: int, config: Colorization.Co
         total += histogram
         read += 1
         if progress:
-            progress(read, count)
+            progress.advance()
+    if progress:
+        progress.finish()
     return total, read
-
-
-class Progress:
-    """A one-line progress report on stderr: images done, rate, ETA (at most twice a second)."""
-
-    def __init__(self, stream: TextIO = sys.stderr):
-        self.stream = stream
-        self.start = self.shown = time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - self.shown < 0.5 and done < total:
-            return
-        self.shown = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = int((total - done) / rate) if rate > 0 else 0
-        self.stream.write(f"\rprior: {done}/{total} images, {rate:.1f} images/s, ETA {eta // 60}:{eta % 60:02d}")
-        if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -202,7 +182,7 @@ def data_prior(source: Source, config: Colorization.Config, cache_dir: str) -> n
     else:
         count = min(config.prior_images, len(source.paths)) if source.kind == "files" else config.prior_images
         logging.info("col: computing the ab prior of %s for class rebalancing (%d images)", source.path, count)
-        counts, read = estimate_counts(source.dataset(seed=0), count, config, Progress())
+        counts, read = estimate_counts(source.dataset(seed=0), count, config, ProgressLine("prior", count, "images"))
         if counts.sum() == 0:
             raise DataError(f"col: no colour cell in the {read} images read from {source.path} to compute its ab "
                             "prior; colorization needs colour photos")
@@ -245,7 +225,8 @@ def main(argv: list[str]) -> None:
     if count is None:
         raise MtssError(f"{values.data} holds TFRecords: give --images N (how many images to read)")
     # The cells the col task trains on with its default settings.
-    counts, read = estimate_counts(source.dataset(seed=0), count, Colorization.Config(), Progress())
+    counts, read = estimate_counts(source.dataset(seed=0), count, Colorization.Config(),
+                                  ProgressLine("prior", count, "images"))
     if counts.sum() == 0:
         raise MtssError(f"no colour cell in the {read} images read from {values.data}: the prior needs colour photos")
     write_prior(counts / counts.sum(), values.out)

@@ -221,19 +221,19 @@ def test_random_tiny_trunk_probe_is_far_above_chance(stripe_sets, tmp_path):
 def test_cached_features_are_reused_without_running_the_trunk(tiny_ckpt, stripe_sets, tmp_path, monkeypatch):
     data = open_labelled(stripe_sets[1])
     settings = feats.Settings(image_size=48)
-    first = feats.load_or_extract(feats.Trunk(tiny_ckpt, settings), data, settings, 20, str(tmp_path), "test")
-    assert feats.Trunk(tiny_ckpt, settings).size == "tiny" and first.features.shape == (20, 9 * 128)
+    first = feats.load_or_extract(loader.Trunk(tiny_ckpt, settings), data, settings, 20, str(tmp_path), "test")
+    assert loader.Trunk(tiny_ckpt, settings).size == "tiny" and first.features.shape == (20, 9 * 128)
 
     def no_trunk(self):
         raise AssertionError("the trunk ran on a cache hit")
 
-    monkeypatch.setattr(feats.Trunk, "extractor", property(no_trunk))
-    again = feats.load_or_extract(feats.Trunk(tiny_ckpt, settings), data, settings, 20, str(tmp_path), "test")
+    monkeypatch.setattr(loader.Trunk, "extractor", property(no_trunk))
+    again = feats.load_or_extract(loader.Trunk(tiny_ckpt, settings), data, settings, 20, str(tmp_path), "test")
     np.testing.assert_array_equal(again.features, first.features)
     np.testing.assert_array_equal(again.labels, first.labels)
     with pytest.raises(AssertionError, match="trunk ran"):  # Another grid is another key.
         global_settings = feats.Settings(image_size=48, grid=None)
-        feats.load_or_extract(feats.Trunk(tiny_ckpt, global_settings), data, global_settings, 20, str(tmp_path), "t")
+        feats.load_or_extract(loader.Trunk(tiny_ckpt, global_settings), data, global_settings, 20, str(tmp_path), "t")
 
 
 def test_recalibration_reads_only_the_training_images_and_has_its_own_cache_entries(tiny_ckpt, stripe_sets,
@@ -273,7 +273,7 @@ def test_recalibration_reads_only_the_training_images_and_has_its_own_cache_entr
 
 
 def test_random_weights_follow_the_seed():
-    digests = [feats.Trunk("random", feats.Settings(trunk_size="tiny", seed=s)).digest for s in (0, 0, 1)]
+    digests = [loader.Trunk("random", feats.Settings(trunk_size="tiny", seed=s)).digest for s in (0, 0, 1)]
     assert digests[0] == digests[1] != digests[2]
 
 
@@ -327,7 +327,7 @@ def test_bad_data_labels_and_checkpoints_are_user_errors_printed_as_one_line(str
     with pytest.raises(DataError, match="nowhere does not exist"):
         lp.open_splits(str(tmp_path / "nowhere"), stripe_sets[1])
     with pytest.raises(CheckpointError, match="nope.ckpt does not exist"):
-        feats.Trunk(str(tmp_path / "nope.ckpt"), feats.Settings())
+        loader.Trunk(str(tmp_path / "nope.ckpt"), feats.Settings())
     with pytest.raises(CheckpointError, match="no checkpoint in directory"):
         compare.settings_per_checkpoint(["random", str(tmp_path)], feats.Settings())
     unlabelled = write_records(tmp_path / "x.tfrecord", [{"image/encoded": b"x", "image/class/text": b"cat"}])

@@ -25,6 +25,7 @@ import sys
 
 from absl import app, flags
 
+from mtss_train import loader
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
@@ -42,13 +43,13 @@ def settings_per_checkpoint(names: list[str], settings: feats.Settings) -> dict[
     """
     if not names:
         raise MtssError("no checkpoint to compare: pass one or more CKPT (or `random`) as arguments")
-    trunks = {name: feats.Trunk(name, settings) for name in names}  # A missing checkpoint fails here.
+    trunks = {name: loader.Trunk(name, settings) for name in names}  # A missing checkpoint fails here.
     if settings.trunk_size is not None:
         return {name: settings for name in names}
-    sizes = {name: model.size for name, model in trunks.items() if name != feats.RANDOM}
+    sizes = {name: model.size for name, model in trunks.items() if name != loader.RANDOM}
     random_size = "101"
     if len(set(sizes.values())) > 1:
-        if feats.RANDOM in names:
+        if loader.RANDOM in names:
             listed = ", ".join(f"{n} ({s})" for n, s in sizes.items())
             raise MtssError(f"the checkpoints hold different trunk sizes ({listed}); pass --trunk_size for `random`")
     elif sizes:

@@ -19,13 +19,11 @@ probe or a regulariser sweep never runs the trunk again.
 from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import os
 import sys
-import time
-from typing import Callable, TextIO
+from typing import Callable
 
 import numpy as np
 from absl import app, flags, logging
@@ -36,8 +34,7 @@ from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import TFRECORD_LABEL_KEY, LabelledData, open_labelled
 from mtss_train.errors import DataError, MtssError, cli_main
 from mtss_train.loader import Trunk, TrunkSettings
-# Until linear_probe, compare and recalibrate_bn import them from mtss_train.loader:
-from mtss_train.loader import RANDOM, detect_trunk_size  # noqa: F401
+from mtss_train.progress import ProgressLine
 
 FEATURES_KEY = "features"
 FORMATS = ("npy", "tfrecord")
@@ -71,35 +68,6 @@ def grid_pool(block3: tf.Tensor, grid: int | None) -> tf.Tensor:
     return tf.concat(cells, axis=1)
 
 
-class Progress:
-    """A progress line (count, rate, ETA) at most every `every` seconds, and a final one."""
-
-    def __init__(self, label: str, total: int | None, stream: TextIO = sys.stderr, every: float = 2.0):
-        self.label, self.total, self.stream, self.every = label, total, stream, every
-        self.count, self.start = 0, time.monotonic()
-        self.last = self.start
-
-    def line(self) -> str:
-        seconds = max(time.monotonic() - self.start, 1e-9)
-        rate = self.count / seconds
-        total = f"/{self.total:,}" if self.total else ""
-        eta = ""
-        if self.total and rate > 0:
-            eta = f", ETA {datetime.timedelta(seconds=round(max(self.total - self.count, 0) / rate))}"
-        return f"{self.label}: {self.count:,}{total} images, {rate:.0f} img/s{eta}"
-
-    def update(self, count: int) -> None:
-        self.count += count
-        if time.monotonic() - self.last >= self.every:
-            self.last = time.monotonic()
-            print(self.line(), file=self.stream, flush=True)
-
-    def done(self) -> float:
-        seconds = time.monotonic() - self.start
-        print(f"{self.line()}, done in {datetime.timedelta(seconds=round(seconds))}", file=self.stream, flush=True)
-        return seconds
-
-
 @dataclasses.dataclass
 class Extracted:
     """features float32 [N, D]; labels int64 [N]; meta: what made them (JSON-able)."""
@@ -114,14 +82,14 @@ def extract(model: Trunk, data: LabelledData, settings: Settings, limit: int | N
     size = settings.image_size or DEFAULT_IMAGE_SIZE[model.size]
     extractor = model.extractor
     features_fn = tf.function(lambda images: grid_pool(extractor(images), settings.grid))
-    progress = Progress(f"features of {label}", data.count(limit))
+    progress = ProgressLine(f"features of {label}", data.count(limit), "images")
     batches = data.dataset(size, limit).batch(settings.batch_size).prefetch(2)
     chunks, labels = [], []
     for images, batch_labels in batches:
         chunks.append(features_fn(images).numpy())
         labels.append(batch_labels.numpy())
-        progress.update(len(chunks[-1]))
-    seconds = progress.done()
+        progress.advance(len(chunks[-1]))
+    seconds = progress.finish()
     if not chunks:
         raise DataError(f"no image of {data.path} could be decoded ({data.skipped.count} unreadable)")
     cells = 1 if settings.grid is None else settings.grid**2

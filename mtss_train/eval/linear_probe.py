@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags
 from scipy import optimize
 
-from mtss_train import recalibrate_bn
+from mtss_train import loader, recalibrate_bn
 from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import LabelledData, open_labelled
 from mtss_train.errors import DataError, MtssError, cli_main
@@ -191,7 +191,7 @@ def run_probe(checkpoint: str, train: LabelledData, test: LabelledData, settings
     if recalibrate_batches:
         model = recalibrate_bn.RecalibratedTrunk(checkpoint, settings, train, recalibrate_batches, limit)
     else:
-        model = feats.Trunk(checkpoint, settings)
+        model = loader.Trunk(checkpoint, settings)
     found = {name: feats.load_or_extract(model, data, settings, limit, cache_dir, f"{name} {data.path}")
              for name, data in (("train", train), ("test", test))}
     extracted = time.monotonic()

@@ -54,6 +54,7 @@ from mtss_train.data.labelled import fit_square, read_idx
 from mtss_train.data.masks import FRAMES_DIR
 from mtss_train.data.sample import sample_photo_paths
 from mtss_train.errors import DataError, MtssError, cli_main
+from mtss_train.progress import duration
 from mtss_train.eval import compare
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
@@ -402,8 +403,8 @@ def main(argv: list[str]) -> None:
         for arm in plan.arms:
             done = sum(len(runs[a]) for a in plan.arms)
             elapsed = time.monotonic() - start
-            eta = "" if not done else f", ETA {_clock(elapsed / done * (len(jobs) - done))}"
-            print(f"[{done + 1}/{len(jobs)}] pre-training {arm} (seed {seed}), elapsed {_clock(elapsed)}{eta}",
+            eta = "" if not done else f", ETA {duration(elapsed / done * (len(jobs) - done))}"
+            print(f"[{done + 1}/{len(jobs)}] pre-training {arm} (seed {seed}), elapsed {duration(elapsed)}{eta}",
                   file=sys.stderr, flush=True)
             train_seconds[arm][seed] = pretrain(plan, arm, seed, init, sources)
             trained = checkpoint_files.latest(plan.train_dir(arm, seed))
@@ -417,10 +418,6 @@ def main(argv: list[str]) -> None:
     print(table(summary))
     print(verdicts(summary))
     print(f"results: {path}")
-
-
-def _clock(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 if __name__ == "__main__":

@@ -63,11 +63,12 @@ def parameter_server_cluster() -> tf.distribute.cluster_resolver.ClusterResolver
     return tf.distribute.cluster_resolver.TFConfigClusterResolver()
 
 
-def serve_if_server(strategy_name: str, chief_gone_seconds: float) -> bool:
-    """In a parameter-server job, a 'worker' or 'ps' process serves the coordinator's
-    requests and returns True once the chief, after it was up, has not answered for
-    `chief_gone_seconds` (TF servers never stop by themselves, and Slurm or a Kubernetes
-    Job waits for every process); returns False at once in every other process (it trains).
+def serve_if_server(resolver: tf.distribute.cluster_resolver.ClusterResolver, chief_gone_seconds: float) -> bool:
+    """In a parameter-server job (`resolver`: `parameter_server_cluster()`), a 'worker' or
+    'ps' process serves the coordinator's requests and returns True once the chief, after
+    it was up, has not answered for `chief_gone_seconds` (TF servers never stop by
+    themselves, and Slurm or a Kubernetes Job waits for every process); the chief returns
+    False at once (it trains).
 
     SIGINT and SIGTERM are ignored: Ctrl-C in a terminal, or a scheduler stopping the job,
     reaches every process, and the chief saves through its servers before it exits.
@@ -75,9 +76,6 @@ def serve_if_server(strategy_name: str, chief_gone_seconds: float) -> bool:
     Raises:
       MtssError: if the chief never answered within CHIEF_START_SECONDS.
     """
-    if strategy_name != "parameter_server":
-        return False
-    resolver = parameter_server_cluster()
     if resolver.task_type not in ("worker", "ps"):
         return False
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -117,13 +117,16 @@ class Trainer:
     restored by `prepare()`, which `train()` and `evaluate()` call when needed.
     """
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None):
+        """`cluster`: a parameter-server job's cluster, if the caller has read TF_CONFIG
+        already (`distribution.parameter_server_cluster`); read here otherwise."""
         config.validate()
         self.config = config
         self.tasks = build_tasks(config)
-        # TF_CONFIG is read once, here: the strategy coordinates this cluster, and the remote
-        # runner queues steps by its worker count (the strategy has no public way to say it).
-        cluster = parameter_server_cluster() if config.strategy == "parameter_server" else None
+        # The strategy coordinates this cluster, and the remote runner queues steps by its
+        # worker count (the strategy has no public way to say it).
+        if config.strategy == "parameter_server" and cluster is None:
+            cluster = parameter_server_cluster()
         self.strategy = make_strategy(config.strategy, cluster)
         self.chief = is_chief(self.strategy)
         self.remote = is_parameter_server(self.strategy)
@@ -204,11 +207,14 @@ class Trainer:
                 writer = self._writer()
                 return self._loop(iterators, first, writer)
             finally:  # Also after an error: the summaries so far, the inputs skipped so far.
-                if writer is not None:
-                    writer.flush()
-                for source in {id(s): s for s in self.sources.values()}.values():
-                    if source.skipped.count:
-                        logging.warning("inputs skipped in %s: %s", source.path, source.skipped.summary())
+                # Signals wait: the run is ending, and a KeyboardInterrupt from here would
+                # read as one during start-up.
+                with StopSignals():
+                    if writer is not None:
+                        writer.flush()
+                    for source in {id(s): s for s in self.sources.values()}.values():
+                        if source.skipped.count:
+                            logging.warning("inputs skipped in %s: %s", source.path, source.skipped.summary())
 
     def _start(self) -> tuple[dict[str, Iterator], dict[str, object]]:
         """Builds and restores (or warm-starts) the model, writes flags.json; returns the
