@@ -38,6 +38,9 @@ UNREADABLE = "could not be read"
 UNDECODABLE = "not a decodable image"
 # Inputs numbered together in `decoded`: a dropped one is diagnosed from its chunk.
 CHUNK = 16
+# Records of TFRecord files mixed together (`permuted_blocks`): about what one file of a
+# sharded dataset holds (tensorflow/models slim writes ImageNet as 1,024 train files of ~1,250).
+SHUFFLE_BLOCK = 1_000
 # Bytes a TFRecord adds around each record: length (8), its CRC (4), the data's CRC (4).
 _RECORD_OVERHEAD = 16
 # (key, reason, evidence) of a skipped input, as bytes; evidence is what the reason is about
@@ -116,7 +119,7 @@ def numbered_records(files: tf.data.Dataset, report: Report, seed: tf.Tensor | N
     """('file (record index)', record) of a dataset of (TFRecord path, its size in bytes).
 
     With a `seed` ([2] int64, e.g. a seed and an epoch number): records of 4 neighbouring
-    files interleaved, then mixed in a 1,000-record buffer drawn from it. Without: one file
+    files interleaved, then each block of SHUFFLE_BLOCK records permuted (`permuted_blocks`). Without: one file
     after the other, in order. A file whose records end before its size (truncated, corrupt
     or unreadable) is reported once it has given the records before the damage, each time it
     is read.
@@ -149,9 +152,26 @@ def numbered_records(files: tf.data.Dataset, report: Report, seed: tf.Tensor | N
     if seed is None:
         records = files.flat_map(numbered)
     else:
-        buffer_seed = tf.random.stateless_uniform([], seed, minval=0, maxval=2**62, dtype=tf.int64)
-        records = files.interleave(numbered, cycle_length=4, block_length=1).shuffle(1_000, seed=buffer_seed)
+        records = permuted_blocks(files.interleave(numbered, cycle_length=4, block_length=1), seed)
     return records.map(lambda key, record, is_end: (key, record))
+
+
+def permuted_blocks(elements: tf.data.Dataset, seed: tf.Tensor, block: int = SHUFFLE_BLOCK) -> tf.data.Dataset:
+    """`elements` (tuples of tensors) in blocks of `block`, each block in a random order drawn
+    from `seed` ([2] int64) and the block's number.
+
+    Not `Dataset.shuffle`: its seed goes through TensorFlow's global-seed logic, which cannot
+    take a tensor once `tf.random.set_seed(0)` has run (it compares the seed with 0 in
+    Python), and here the seed is a tensor (an epoch's, or a parameter-server worker's).
+    """
+
+    def permuted(number: tf.Tensor, columns: tuple[tf.Tensor, ...]) -> tf.data.Dataset:
+        count = tf.shape(columns[0], out_type=tf.int64)[0]
+        block_seed = tf.random.experimental.stateless_fold_in(seed, number)
+        order = tf.random.experimental.index_shuffle(tf.range(count), block_seed, count - 1)
+        return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(column, order) for column in columns))
+
+    return elements.batch(block).enumerate().flat_map(permuted)
 
 
 def _unread_rest(path: tf.Tensor, opens: tf.Tensor, records: tf.Tensor, consumed: tf.Tensor, size: tf.Tensor

@@ -46,11 +46,12 @@ def cli_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 
 def message(error: MtssError) -> str:
-    """The error's own message. Keras re-raises an error from a layer's call as a new one of
-    the same class whose message adds the layer's name and call arguments (several lines);
-    the original is its context."""
+    """The error's own one-line message. Keras re-raises an error from a layer's call as a
+    new one of the same class whose message puts lines of its own (the layer, its call
+    arguments) around the original's; the original is its context. Ours are one line, and
+    one of ours that adds to another's message is kept whole."""
     inner = error.__context__
-    while isinstance(inner, MtssError) and str(inner) in str(error):
+    while "\n" in str(error) and isinstance(inner, MtssError) and str(inner) in str(error):
         error, inner = inner, inner.__context__
     return str(error)
 

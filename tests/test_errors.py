@@ -18,6 +18,16 @@ def test_an_error_raised_in_a_keras_layer_keeps_its_own_one_line_message():
     assert message(caught.value) == "images/ holds no photos"
 
 
+def test_an_error_that_adds_to_another_keeps_what_it_adds():
+    try:
+        try:
+            raise DataError("no usable image")
+        except DataError as e:
+            raise DataError(f"photos/: {e} (3 undecodable image(s) skipped)") from None
+    except DataError as e:
+        assert message(e) == "photos/: no usable image (3 undecodable image(s) skipped)"
+
+
 def test_an_error_raised_directly_is_its_message():
     try:
         try:

@@ -305,7 +305,7 @@ def test_probe_and_compare_commands(stripe_sets, tiny_ckpt, tmp_path):
     assert result.returncode == 0, result.stderr
     probe = json.loads((tmp_path / "r.json").read_text())
     assert probe["grid"] == "global" and probe["feature_shape"] == [128] and probe["test_top1"] > 0.5
-    assert "images" in result.stderr and "img/s" in result.stderr  # The progress line.
+    assert "images" in result.stderr and "images/s, ETA" in result.stderr  # The progress line.
     result = run_cli("mtss_train.eval.compare", "random", tiny_ckpt, "--out", str(tmp_path / "c.json"), *common)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("from the cache") == 2  # `random` again: the probe's features.

@@ -183,6 +183,28 @@ def test_every_epoch_is_a_new_permutation_of_a_seed_that_may_be_a_tensor():
     assert all(sorted(epoch) == items for epoch in epochs) and len({tuple(e) for e in epochs}) == 3
 
 
+def test_blocks_are_permuted_by_the_seed_and_their_number():
+    elements = tf.data.Dataset.range(10).map(lambda i: (i, tf.strings.as_string(i)))
+    order = lambda seed: [int(i) for i, _ in in_graph.permuted_blocks(elements, tf.constant(seed, tf.int64), 4)]  # noqa: E731
+    first = order([3, 0])
+    assert first == order([3, 0]) and first != order([4, 0])
+    assert [sorted(first[i:i + 4]) for i in (0, 4, 8)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert first[:8] != list(range(8))  # Blocks are permuted (not all left in order).
+    paired = [(int(i), text.numpy().decode()) for i, text in in_graph.permuted_blocks(elements, tf.constant([3, 0], tf.int64), 4)]
+    assert all(str(i) == text for i, text in paired)  # Columns move together.
+
+
+def test_tfrecords_read_after_tensorflows_global_seed_is_set_to_0(tmp_path):
+    """The trainer sets it to --seed (0 by default); Dataset.shuffle cannot take a tensor seed then."""
+    write_records(str(tmp_path / "a.tfrecord"), [png(skimage.data.chelsea()), png(skimage.data.coffee())])
+    tf.random.set_seed(0)
+    try:
+        shapes = sorted(tuple(image.shape) for image in image_source(str(tmp_path), 32).dataset(seed=0).take(4))
+    finally:
+        tf.random.set_seed(None)
+    assert shapes == [(300, 451, 3)] * 2 + [(400, 600, 3)] * 2
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_source_order_follows_the_seed(tmp_path, seed):
     for name, image in (("a", skimage.data.chelsea()), ("b", skimage.data.coffee()), ("c", skimage.data.astronaut())):

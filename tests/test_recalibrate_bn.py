@@ -197,7 +197,7 @@ def test_command_line_recalibrates_with_a_progress_line(training_checkpoint, ima
                      "--data", data, "--out", str(out), "--batches", "2", "--batch_size", "8",
                      "--image_size", str(SIZE))
     assert result.returncode == 0, result.stderr
-    assert "BatchNorm statistics of" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+    assert "BatchNorm statistics of" in result.stderr and "images/s" in result.stderr and "ETA" in result.stderr
     written = result.stdout.strip().splitlines()[-1]
     assert written == str(out / "model.ckpt-1500") and checkpoint_files.latest(str(out)) == written
     provenance = json.loads((out / rb.PROVENANCE_FILE).read_text())
