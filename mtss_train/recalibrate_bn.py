@@ -174,6 +174,9 @@ def _moments_graph(weights: str | Mapping[str, np.ndarray], trunk_size: str, out
     """
     graph = tf.Graph()
     with graph.as_default():
+        # Every variable is restored before use; a seed only lets the initializers be built
+        # under op determinism, which refuses random ops without one.
+        tf.compat.v1.set_random_seed(0)
         inputs = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3])
         # Each BatchNorm normalises by its batch's moments; its moving averages are never read.
         trunk.block3_net(trunk_size, output_stride)(trunk.vgg_preprocess(inputs), is_training=True)

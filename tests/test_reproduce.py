@@ -7,6 +7,7 @@ import pytest
 
 from mtss_train.ckpt import checkpoint_files
 from mtss_train.eval import reproduce
+from mtss_train.provenance import code_version
 from conftest import assert_one_line_error, run_cli
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -62,6 +63,18 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     assert "budget: 4 optimizer steps per arm" in result.stdout and found["budget"] in result.stdout
     assert "recalibrated BN top-1" in result.stdout.splitlines()[1]
 
+    # The same command in another --out gives the same figures, from bit-identical checkpoints.
+    assert found["commit"] == code_version() and "commit " + code_version() in result.stdout
+    assert all(found["arms"][arm]["trained_by"] == {"0": code_version()} for arm in reproduce.ARMS)
+    twin = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={tmp_path / 'twin'}",
+                   f"--fashion_mnist={fashion_mnist}", "--arms=rp,ex", timeout=900)
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    twin_found = json.loads((tmp_path / "twin" / "results.json").read_text())
+    for arm in (reproduce.RANDOM_ARM, "rp", "ex"):
+        for column in reproduce.COLUMNS:
+            ours, theirs = (figures(f["arms"][arm][column]["seeds"]["0"]) for f in (found, twin_found))
+            assert ours == theirs and "checkpoint_digest" in ours, (arm, column)
+
     # A second run finds the arm trained and its features cached: nothing is trained again.
     trained = checkpoint_files.latest(plan.train_dir("rp", 0)) + ".index"
     written = os.path.getmtime(trained)
@@ -79,6 +92,25 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     assert_one_line_error(other, plan.train_dir("rp", 0), "learning_rate 0.01", "0.5")
     for column in reproduce.COLUMNS:
         assert rerun["arms"]["rp"][column]["test_top1_mean"] == found["arms"]["rp"][column]["test_top1_mean"]
+
+    # Nor does other code, unless asked: one table, one commit.
+    flags_path = os.path.join(plan.train_dir("rp", 0), "flags.json")
+    recorded = json.loads(open(flags_path).read())
+    with open(flags_path, "w") as f:
+        json.dump({**recorded, "commit": "0123abc"}, f)
+    refused = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
+                      "--arms=rp", timeout=600)
+    assert_one_line_error(refused, plan.train_dir("rp", 0), "0123abc", code_version(), "--reuse_other_commits")
+    reused = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={out}", f"--fashion_mnist={fashion_mnist}",
+                     "--arms=rp", "--reuse_other_commits", timeout=600)
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["arms"]["rp"]["trained_by"] == {"0": "0123abc"}
+
+
+def figures(result: dict) -> dict:
+    """A probe result without what names where it ran (paths) or how long it took."""
+    return {key: value for key, value in result.items()
+            if key not in ("checkpoint", "trunk", "seconds", "train_data", "test_data", "recalibrate_bn")}
 
 
 def test_bad_arms_and_missing_data_are_one_line_errors(tmp_path):

@@ -24,6 +24,12 @@ street clip's frames plus scikit-image's photos. ms reads the embedded clip's mo
 the only video that ships. Every run is a `python -m mtss_train` process, as a user runs it;
 an arm whose final checkpoint exists is not trained again and a half-trained one resumes, so
 a killed run picks up where it was.
+
+Repeatable: every arm trains with `--deterministic` and the probes run under op
+determinism, so the same command on the same machine prints the same table.
+`results.json` records the commit of this code and the one that trained each arm; an arm
+that another commit trained is refused (one table, one commit) unless
+`--reuse_other_commits`.
 """
 
 from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
@@ -55,6 +61,7 @@ from mtss_train.data.masks import FRAMES_DIR
 from mtss_train.data.sample import sample_photo_paths
 from mtss_train.errors import DataError, MtssError, cli_main
 from mtss_train.progress import duration
+from mtss_train.provenance import code_version
 from mtss_train.eval import compare
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
@@ -98,7 +105,8 @@ TASK_PARAMS = {
     "ms": {"batch_size": 16, "crop": IMAGE_SIZE},
 }
 # Shared by every arm; the rest are the trainer's defaults.
-TRAIN_FLAGS = ("--batch_norm_decay=0.9",)  # Short runs need fast BN moving averages.
+# Short runs need fast BN moving averages; --deterministic: the same command gives the same table.
+TRAIN_FLAGS = ("--batch_norm_decay=0.9", "--deterministic")
 
 _OUT = flags.DEFINE_string("out", "runs/reproduce", "Working directory: data, one train dir per arm and seed, results.json.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one a random init, data order and probe split.")
@@ -112,6 +120,9 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Peak learning rate o
 _RECALIBRATE_BATCHES = flags.DEFINE_integer(
     "recalibrate_batches", recalibrate_bn.DEFAULT_BATCHES, "The recalibrated column re-estimates BatchNorm "
     "statistics on this many batches of 64 of the probe's training images, at most.", lower_bound=1)
+_REUSE_OTHER_COMMITS = flags.DEFINE_bool(
+    "reuse_other_commits", False, "Use arms that --out holds from another commit of this code (flags.json says "
+    "which) instead of refusing: their numbers may not be what this commit gives.")
 _TINY = flags.DEFINE_bool("tiny", False, "A check that everything runs: 4 steps, 300 unlabelled and 200 probe images, seed 0.")
 
 
@@ -126,6 +137,7 @@ class Plan:
     unlabelled_limit: int | None
     probe_limit: int
     recalibrate_batches: int
+    reuse_other_commits: bool = False
 
     @property
     def data_dir(self) -> str:
@@ -147,7 +159,8 @@ def plan_from_flags() -> Plan:
     if unknown or not _ARMS.value or not seeds:
         raise MtssError(f"--arms must name some of {', '.join(ARMS)} (got {','.join(_ARMS.value)}) and --seeds at least one")
     plan = Plan(os.path.abspath(_OUT.value), seeds, tuple(_ARMS.value), _STEPS.value, _LEARNING_RATE.value,
-                _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value, _RECALIBRATE_BATCHES.value)
+                _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value, _RECALIBRATE_BATCHES.value,
+                _REUSE_OTHER_COMMITS.value)
     if _TINY.value:
         plan = dataclasses.replace(plan, seeds=seeds[:1], steps=4, unlabelled_limit=300, probe_limit=200)
     return plan
@@ -230,11 +243,11 @@ def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str,
 
 
 def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
-    """Refuses a train dir that an earlier run of other settings left: resuming it would mix
-    budgets or learning rates within one table.
+    """Refuses a train dir that an earlier run of other settings, or of other code, left:
+    using it would mix budgets, learning rates or commits within one table.
 
     Raises:
-      MtssError: naming the first setting that differs.
+      MtssError: naming the first setting that differs, or both commits.
     """
     directory = plan.train_dir(arm, seed)
     path = os.path.join(directory, "flags.json")
@@ -253,6 +266,17 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
         if found[key] != value:
             raise MtssError(f"{directory} holds a run with {key} {found[key]!r}, this one asks for "
                             f"{value!r}: pass another --out (or remove that directory)")
+    trained_at = earlier.get("commit")
+    if trained_at != code_version() and not plan.reuse_other_commits:
+        raise MtssError(f"{directory} was trained by commit {trained_at or 'unknown (before flags.json said)'}, this "
+                        f"is {code_version()}: one table would mix two commits; pass another --out, or "
+                        "--reuse_other_commits to use it anyway")
+
+
+def trained_by(plan: Plan, arm: str, seed: int) -> str | None:
+    """The commit that trained the arm (its flags.json's), None if it does not say."""
+    with open(os.path.join(plan.train_dir(arm, seed), "flags.json")) as f:
+        return json.load(f).get("commit")
 
 
 def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> float:
@@ -311,13 +335,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(plan: Plan, runs: dict[str, dict[int, dict]], train_seconds: dict[str, dict[int, float]]) -> dict:
+def summarise(plan: Plan, runs: dict[str, dict[int, dict]], train_seconds: dict[str, dict[int, float]],
+              commits: dict[str, dict[int, str | None]]) -> dict:
     """Per-arm means of both columns and the two claims' figures per column, from per-arm,
-    per-seed results (`runs[arm][seed][column]`, a probe result)."""
+    per-seed results (`runs[arm][seed][column]`, a probe result), training seconds and the
+    commit that trained each (`commits`; None for random init)."""
     arms = {}
     for arm, by_seed in runs.items():
         found = ARMS.get(arm, Arm(()))
         arms[arm] = {"tasks": list(found.tasks), "trainer_settings": dict(found.settings),
+                     "trained_by": {str(s): commits[arm][s] for s in plan.seeds},
                      "train_seconds": {str(s): train_seconds[arm][s] for s in plan.seeds},
                      "train_seconds_mean": statistics.fmean(train_seconds[arm][s] for s in plan.seeds)}
         for column in COLUMNS:
@@ -389,17 +416,22 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {' '.join(argv[1:])}; everything is a --flag")
     plan = plan_from_flags()
+    # The probes run here (features, BatchNorm re-estimation): as repeatable as the training.
+    # Op determinism refuses unseeded random ops, e.g. initializers that a restore overwrites.
+    tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(0)
     print(budget_line(plan), file=sys.stderr, flush=True)
     sources = {"fashion_mnist": write_unlabelled_images(plan), "colour": colour_image_dir(plan)}
     names = (RANDOM_ARM, *plan.arms)
     runs: dict[str, dict[int, dict]] = {arm: {} for arm in names}
     train_seconds: dict[str, dict[int, float]] = {arm: {} for arm in names}
+    commits: dict[str, dict[int, str | None]] = {arm: {} for arm in names}
     jobs = [(arm, seed) for seed in plan.seeds for arm in plan.arms]
     start = time.monotonic()
     for seed in plan.seeds:
         init = write_init_checkpoint(plan, seed)
         runs[RANDOM_ARM][seed] = {column: probe(plan, RANDOM_ARM, init, seed, column) for column in COLUMNS}
-        train_seconds[RANDOM_ARM][seed] = 0.0
+        train_seconds[RANDOM_ARM][seed], commits[RANDOM_ARM][seed] = 0.0, None
         for arm in plan.arms:
             done = sum(len(runs[a]) for a in plan.arms)
             elapsed = time.monotonic() - start
@@ -407,14 +439,16 @@ def main(argv: list[str]) -> None:
             print(f"[{done + 1}/{len(jobs)}] pre-training {arm} (seed {seed}), elapsed {duration(elapsed)}{eta}",
                   file=sys.stderr, flush=True)
             train_seconds[arm][seed] = pretrain(plan, arm, seed, init, sources)
+            commits[arm][seed] = trained_by(plan, arm, seed)
             trained = checkpoint_files.latest(plan.train_dir(arm, seed))
             runs[arm][seed] = {column: probe(plan, arm, trained, seed, column) for column in COLUMNS}
-    summary = summarise(plan, runs, train_seconds)
-    result = {"budget": budget_line(plan), "plan": {**dataclasses.asdict(plan), "task_params": TASK_PARAMS,
-                                                     "train_flags": list(TRAIN_FLAGS)}, **summary}
+    summary = summarise(plan, runs, train_seconds, commits)
+    result = {"budget": budget_line(plan), "commit": code_version(),
+              "plan": {**dataclasses.asdict(plan), "task_params": TASK_PARAMS, "train_flags": list(TRAIN_FLAGS)},
+              **summary}
     path = os.path.join(plan.out, "results.json")
     linear_probe.write_json(result, path)
-    print(budget_line(plan))
+    print(f"{budget_line(plan)}; commit {code_version()}")
     print(table(summary))
     print(verdicts(summary))
     print(f"results: {path}")

@@ -9,6 +9,7 @@ from mtss_train.model import trunk
 from mtss_train.data.files import write_atomically
 from mtss_train.data.images import DEFAULT_MAX_PIXELS, TFRECORD_IMAGE_KEY
 from mtss_train.errors import MtssError
+from mtss_train.provenance import code_version
 from mtss_train.task import Task, TaskConfig, make_config, task_class
 
 CONFIG_VERSION = 1
@@ -93,6 +94,8 @@ class TrainConfig:
         "--strategy multi_worker: how often the workers agree on SIGTERM/SIGINT (one tiny all-reduce), so all stop "
         "at the same step, the chief saves it, and each exits 128 + the signal."))
     seed: int = setting(0, help="Seed of data order, task schedule and augmentation.")
+    deterministic: bool = setting(False, help="The same command, seed and machine give bit-identical checkpoints: "
+                                  "TensorFlow's op determinism (README: its cost). Not with parameter_server.")
     strategy: str = setting("default", help="tf.distribute strategy.", choices=STRATEGIES)
     precision: str = setting("float32", help="Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 "
                              "with loss scaling on GPUs); weights stay float32.", choices=PRECISIONS)
@@ -131,6 +134,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise MtssError(message)
+        if self.deterministic and self.strategy == "parameter_server":
+            raise MtssError("--deterministic cannot hold under --strategy parameter_server: its workers apply steps "
+                            "asynchronously, in the order they finish, and draw their own seeds")
         if self.task_weights is not None:
             if self.schedule != "weighted":
                 raise MtssError("--task_weights needs --schedule weighted")
@@ -190,6 +196,7 @@ def _harmonized(cls: type[Task], overrides: dict[str, str]) -> dict[str, str]:
 def resolved(config: TrainConfig, tasks: list[Task]) -> dict:
     """Every resolved setting, trainer and tasks, as flags.json holds it."""
     values = dataclasses.asdict(config)
+    values["commit"] = code_version()  # The code that trained it; not a setting (changed_settings ignores it).
     values["task_configs"] = {t.name: dataclasses.asdict(t.config) for t in tasks}
     return json.loads(json.dumps(values))  # Tuples as lists, as read back from the file.
 

@@ -138,6 +138,10 @@ class Trainer:
         if config.init_checkpoint:
             checkpoint_files.resolve(config.init_checkpoint)  # Fails now, not after building.
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
+        if config.deterministic:
+            # On CPU our ops already repeat exactly (tests/test_determinism.py); this makes GPU
+            # kernels choose deterministic algorithms, and any op without one raise.
+            tf.config.experimental.enable_op_determinism()
         self.state = TrainingState(config, self.tasks, self.strategy, self.chief)
         self.model = self.state.model
         if self.remote:
