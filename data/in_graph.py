@@ -5,10 +5,12 @@ The photo and mask sources read, check and decode with these ops, in this proces
 traced (a `tf.numpy_function` per element would make the coordinator's Python decode every
 worker's images).
 
-Order: each epoch is a new permutation of all inputs, drawn by
-`tf.random.experimental.index_shuffle` from the epoch number and a seed that may be a tensor
-(each parameter-server worker draws its own): a full shuffle of any number of inputs with
-no buffer.
+Order: each epoch is a new permutation of all inputs (image files, frame/mask pairs, or
+TFRecord files), drawn by `tf.random.experimental.index_shuffle` from the epoch number and
+a seed that may be a tensor (each parameter-server worker draws its own): a full shuffle of
+any number of inputs with no buffer. Records inside TFRecord files are only mixed locally
+(4 files interleaved, blocks of SHUFFLE_BLOCK permuted), so write them shuffled, as
+tensorflow/models slim's converters do.
 
 Bad inputs are skipped, not fatal. `decoded` examines inputs in a parallel map whose errors
 (a missing file, a corrupt image) are dropped by `ignore_errors`; the inputs go through it
@@ -169,9 +171,11 @@ def permuted_blocks(elements: tf.data.Dataset, seed: tf.Tensor, block: int = SHU
         count = tf.shape(columns[0], out_type=tf.int64)[0]
         block_seed = tf.random.experimental.stateless_fold_in(seed, number)
         order = tf.random.experimental.index_shuffle(tf.range(count), block_seed, count - 1)
-        return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(column, order) for column in columns))
+        # Indexed one at a time: a gathered copy would hold every block twice.
+        return tf.data.Dataset.from_tensor_slices(order).map(lambda i: tuple(column[i] for column in columns))
 
-    return elements.batch(block).enumerate().flat_map(permuted)
+    # The next block is read while this one is consumed, so no step waits for a whole block.
+    return elements.batch(block).prefetch(1).enumerate().flat_map(permuted)
 
 
 def _unread_rest(path: tf.Tensor, opens: tf.Tensor, records: tf.Tensor, consumed: tf.Tensor, size: tf.Tensor

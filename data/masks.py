@@ -126,8 +126,9 @@ class MaskSource:
         Shards split the pairs (or TFRecord files) round-robin in sorted order, so every
         shard sees every video. With fewer items than shards, all read all in their own
         order. Every epoch is a new order of all pairs: sorted pairs run video by video, and
-        a partial shuffle would fill batches with near-identical neighbouring frames. `seed`
-        may be a scalar int64 tensor.
+        a partial shuffle would fill batches with near-identical neighbouring frames. (The
+        records of TFRecord files are mixed only locally, see `in_graph`: write them
+        shuffled.) `seed` may be a scalar int64 tensor.
         """
         num_shards, index = shard
         items, sizes = self.items, self._sizes

@@ -1,27 +1,28 @@
 """The progress line of every command that runs for minutes (training has its own, per step).
 
-    progress = ProgressLine("features of train", total=60_000, unit="images")
-    for batch in batches:
-        progress.advance(len(batch))
-    progress.finish()
+    with ProgressLine("features of train", total=60_000, unit="images") as progress:
+        for batch in batches:
+            progress.advance(len(batch))
+        progress.finish()
 
 prints, on stderr, lines such as
 
     features of train: 12,800/60,000 images, 410.2 images/s, ETA 0:01:55
 
 rewritten in place on a terminal (at most twice a second) and a new line every few seconds
-elsewhere (a log file, a test's captured output), then a last line that says how long it took.
+elsewhere (a log file, a test's captured output), then a last line that says how long it took
+(`with` ends a line left open by an error).
 """
 
-import datetime
 import sys
 import time
 from typing import TextIO
 
 
 def duration(seconds: float) -> str:
-    """'H:MM:SS' (days count in the hours)."""
-    return str(datetime.timedelta(seconds=round(max(seconds, 0))))
+    """'H:MM:SS', hours past 24 included ('27:00:00')."""
+    whole = round(max(seconds, 0))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 class ProgressLine:
@@ -45,6 +46,15 @@ class ProgressLine:
         self.count = 0
         self.start = self.shown = time.monotonic()
         self._width = 0  # Of the last line rewritten in place, to blank what a shorter one leaves.
+
+    def __enter__(self) -> "ProgressLine":
+        return self
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        """After an error, ends a line left open on a terminal, so the error's line starts anew."""
+        if error_type is not None and self.terminal and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
 
     @property
     def seconds(self) -> float:

@@ -246,25 +246,23 @@ def recalibrate(
     pooled = {scope: (0, 0.0, 0.0) for scope in moments}
     known = len(images) if isinstance(images, np.ndarray) else available
     total = batch_size * (batches if known is None else min(batches, known // batch_size))
-    progress = ProgressLine(progress_label, total, "images") if progress_label else None
     used = short = 0
     # The images come from eager tf.data, so `graph` is the default only while restoring.
     sess = tf.compat.v1.Session(graph=graph)
-    try:
-        with graph.as_default():
-            restore(sess)
-        for batch in _as_batches(images, batch_size, batches).as_numpy_iterator():
-            if len(batch) < batch_size:
-                short = len(batch)
-                break
-            for scope, found in sess.run(moments, {inputs: batch}).items():
-                pooled[scope] = _combine(pooled[scope], found)
-            used += 1
-            if progress:
+    with ProgressLine(progress_label or "", total, "images", enabled=bool(progress_label)) as progress:
+        try:
+            with graph.as_default():
+                restore(sess)
+            for batch in _as_batches(images, batch_size, batches).as_numpy_iterator():
+                if len(batch) < batch_size:
+                    short = len(batch)
+                    break
+                for scope, found in sess.run(moments, {inputs: batch}).items():
+                    pooled[scope] = _combine(pooled[scope], found)
+                used += 1
                 progress.advance(len(batch))
-    finally:
-        sess.close()
-    if progress:
+        finally:
+            sess.close()
         progress.finish()
     if not used:
         raise DataError("no usable image" if not short else f"only {short} usable image(s), fewer than "

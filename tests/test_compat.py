@@ -120,6 +120,6 @@ def test_dataset_graph_def_shows_the_ops_inside_a_datasets_functions():
         assert isinstance(graph, tf.compat.v1.GraphDef)
         assert {"RangeDataset", "MapDataset"} <= {node.op for node in graph.node}
         inside = {node.op for function in graph.library.function for node in function.node_def}
-        assert "PyFunc" in inside  # data.in_graph refuses such a pipeline for remote workers.
+        assert "PyFunc" in inside  # The trainer warns of such a pipeline under parameter_server (data.in_graph.calls_python).
         plain = compat.dataset_graph_def(tf.data.Dataset.range(3).map(lambda x: x * 2))
         assert "Mul" in {node.op for function in plain.library.function for node in function.node_def}

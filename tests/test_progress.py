@@ -40,5 +40,19 @@ def test_a_disabled_line_writes_nothing_but_still_counts():
     assert progress.finish() >= 0 and progress.count == 10 and log.getvalue() == ""
 
 
+def test_an_error_ends_the_line_left_open_on_a_terminal():
+    terminal = Terminal()
+    try:
+        with ProgressLine("features", 10, "images", stream=terminal) as progress:
+            progress.every = 0
+            progress.advance(4)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert terminal.getvalue().startswith("\rfeatures: 4/10 images") and terminal.getvalue().endswith("\n")
+    assert "done in" not in terminal.getvalue()
+
+
 def test_durations_read_as_a_clock():
     assert duration(0.4) == "0:00:00" and duration(3725) == "1:02:05" and duration(-3) == "0:00:00"
+    assert duration(27 * 3600) == "27:00:00"

@@ -30,7 +30,11 @@ def test_a_checkout_gives_its_commit_and_says_when_tracked_files_changed(tmp_pat
     assert provenance.code_version() == git(tmp_path / "repo", "rev-parse", "HEAD")
     provenance.code_version.cache_clear()
     (package / "a.py").write_text("x = 2\n")
-    assert provenance.code_version() == git(tmp_path / "repo", "rev-parse", "HEAD") + "-dirty"
+    edited = provenance.code_version()
+    assert edited.startswith(git(tmp_path / "repo", "rev-parse", "HEAD") + "-dirty.")
+    provenance.code_version.cache_clear()
+    (package / "a.py").write_text("x = 3\n")
+    assert provenance.code_version() != edited  # Another edit of the same commit.
 
 
 def test_a_copy_inside_someone_elses_repository_gives_the_installed_version(tmp_path, monkeypatch, fresh_cache):

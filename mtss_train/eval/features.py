@@ -82,14 +82,14 @@ def extract(model: Trunk, data: LabelledData, settings: Settings, limit: int | N
     size = settings.image_size or DEFAULT_IMAGE_SIZE[model.size]
     extractor = model.extractor
     features_fn = tf.function(lambda images: grid_pool(extractor(images), settings.grid))
-    progress = ProgressLine(f"features of {label}", data.count(limit), "images")
     batches = data.dataset(size, limit).batch(settings.batch_size).prefetch(2)
     chunks, labels = [], []
-    for images, batch_labels in batches:
-        chunks.append(features_fn(images).numpy())
-        labels.append(batch_labels.numpy())
-        progress.advance(len(chunks[-1]))
-    seconds = progress.finish()
+    with ProgressLine(f"features of {label}", data.count(limit), "images") as progress:
+        for images, batch_labels in batches:
+            chunks.append(features_fn(images).numpy())
+            labels.append(batch_labels.numpy())
+            progress.advance(len(chunks[-1]))
+        seconds = progress.finish()
     if not chunks:
         raise DataError(f"no image of {data.path} could be decoded ({data.skipped.count} unreadable)")
     cells = 1 if settings.grid is None else settings.grid**2

@@ -25,9 +25,10 @@ the only video that ships. Every run is a `python -m mtss_train` process, as a u
 an arm whose final checkpoint exists is not trained again and a half-trained one resumes, so
 a killed run picks up where it was.
 
-Repeatable: every arm trains with `--deterministic` and the probes run under op
-determinism, so the same command on the same machine prints the same table.
-`results.json` records the commit of this code and the one that trained each arm; an arm
+Repeatable: on CPU the same command on the same machine gives the same figures (all but
+the training minutes) as it stands, since training and probing repeat bit for bit there
+(tests/test_reproduce.py runs it twice); on GPUs pass `--deterministic`, which trains every
+arm with it and probes under op determinism, at a cost (README). `results.json` records the commit of this code and the one that trained each arm; an arm
 that another commit trained is refused (one table, one commit) unless
 `--reuse_other_commits`.
 """
@@ -105,8 +106,7 @@ TASK_PARAMS = {
     "ms": {"batch_size": 16, "crop": IMAGE_SIZE},
 }
 # Shared by every arm; the rest are the trainer's defaults.
-# Short runs need fast BN moving averages; --deterministic: the same command gives the same table.
-TRAIN_FLAGS = ("--batch_norm_decay=0.9", "--deterministic")
+TRAIN_FLAGS = ("--batch_norm_decay=0.9",)  # Short runs need fast BN moving averages.
 
 _OUT = flags.DEFINE_string("out", "runs/reproduce", "Working directory: data, one train dir per arm and seed, results.json.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one a random init, data order and probe split.")
@@ -120,6 +120,9 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Peak learning rate o
 _RECALIBRATE_BATCHES = flags.DEFINE_integer(
     "recalibrate_batches", recalibrate_bn.DEFAULT_BATCHES, "The recalibrated column re-estimates BatchNorm "
     "statistics on this many batches of 64 of the probe's training images, at most.", lower_bound=1)
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", False, "Train every arm with --deterministic and probe under TensorFlow's op determinism: for "
+    "GPUs (on CPU the figures repeat without it: tests/test_reproduce.py).")
 _REUSE_OTHER_COMMITS = flags.DEFINE_bool(
     "reuse_other_commits", False, "Use arms that --out holds from another commit of this code (flags.json says "
     "which) instead of refusing: their numbers may not be what this commit gives.")
@@ -138,6 +141,7 @@ class Plan:
     probe_limit: int
     recalibrate_batches: int
     reuse_other_commits: bool = False
+    deterministic: bool = False
 
     @property
     def data_dir(self) -> str:
@@ -160,7 +164,7 @@ def plan_from_flags() -> Plan:
         raise MtssError(f"--arms must name some of {', '.join(ARMS)} (got {','.join(_ARMS.value)}) and --seeds at least one")
     plan = Plan(os.path.abspath(_OUT.value), seeds, tuple(_ARMS.value), _STEPS.value, _LEARNING_RATE.value,
                 _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value, _RECALIBRATE_BATCHES.value,
-                _REUSE_OTHER_COMMITS.value)
+                _REUSE_OTHER_COMMITS.value, _DETERMINISTIC.value)
     if _TINY.value:
         plan = dataclasses.replace(plan, seeds=seeds[:1], steps=4, unlabelled_limit=300, probe_limit=200)
     return plan
@@ -232,6 +236,7 @@ def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str,
                f"--max_steps={plan.steps}", f"--seed={seed}", f"--learning_rate={plan.learning_rate}",
                f"--save_every_steps={max(plan.steps // 4, 1)}", f"--summary_every_steps={max(plan.steps // 10, 1)}",
                f"--log_every_steps={max(plan.steps // 10, 1)}", *TRAIN_FLAGS,
+               *(["--deterministic"] if plan.deterministic else []),
                *(f"--{key}={value}" for key, value in ARMS[arm].settings.items())]
     if "rp" in tasks or "ex" in tasks:
         command.append(f"--data={sources['fashion_mnist']}")
@@ -251,7 +256,11 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
     """
     directory = plan.train_dir(arm, seed)
     path = os.path.join(directory, "flags.json")
+    checkpoint = checkpoint_files.latest(directory)
     if not os.path.isfile(path):
+        if checkpoint:
+            raise MtssError(f"{directory} holds {checkpoint} but no flags.json, so what trained it is unknown: pass "
+                            "another --out (or remove that directory)")
         return
     with open(path) as f:
         earlier = json.load(f)
@@ -266,17 +275,25 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
         if found[key] != value:
             raise MtssError(f"{directory} holds a run with {key} {found[key]!r}, this one asks for "
                             f"{value!r}: pass another --out (or remove that directory)")
-    trained_at = earlier.get("commit")
-    if trained_at != code_version() and not plan.reuse_other_commits:
-        raise MtssError(f"{directory} was trained by commit {trained_at or 'unknown (before flags.json said)'}, this "
-                        f"is {code_version()}: one table would mix two commits; pass another --out, or "
-                        "--reuse_other_commits to use it anyway")
+    trained_at = earlier.get("commit") or "unknown (before flags.json said)"
+    if checkpoint is None or trained_at == code_version():
+        return  # Nothing trained yet (a run killed before its first save starts afresh), or this code.
+    if not plan.reuse_other_commits:
+        raise MtssError(f"{directory} was trained by commit {trained_at}, this is {code_version()}: one table would "
+                        "mix two commits; pass another --out, or --reuse_other_commits to use it anyway")
+    if not checkpoint.endswith(f"-{plan.steps}"):
+        raise MtssError(f"{directory} is half-trained by commit {trained_at}: resuming it with {code_version()} would "
+                        "mix two commits in one checkpoint (--reuse_other_commits uses finished arms only); pass "
+                        "another --out")
 
 
 def trained_by(plan: Plan, arm: str, seed: int) -> str | None:
     """The commit that trained the arm (its flags.json's), None if it does not say."""
-    with open(os.path.join(plan.train_dir(arm, seed), "flags.json")) as f:
-        return json.load(f).get("commit")
+    try:
+        with open(os.path.join(plan.train_dir(arm, seed), "flags.json")) as f:
+            return json.load(f).get("commit")
+    except FileNotFoundError:
+        return None
 
 
 def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> float:
@@ -416,10 +433,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {' '.join(argv[1:])}; everything is a --flag")
     plan = plan_from_flags()
-    # The probes run here (features, BatchNorm re-estimation): as repeatable as the training.
-    # Op determinism refuses unseeded random ops, e.g. initializers that a restore overwrites.
-    tf.config.experimental.enable_op_determinism()
-    tf.random.set_seed(0)
+    if plan.deterministic:  # The probes run here (features, BatchNorm re-estimation).
+        tf.config.experimental.enable_op_determinism()
+        # Op determinism refuses unseeded random ops, e.g. initializers that a restore overwrites.
+        tf.random.set_seed(0)
     print(budget_line(plan), file=sys.stderr, flush=True)
     sources = {"fashion_mnist": write_unlabelled_images(plan), "colour": colour_image_dir(plan)}
     names = (RANDOM_ARM, *plan.arms)
