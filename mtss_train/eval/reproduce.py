@@ -28,9 +28,9 @@ a killed run picks up where it was.
 Repeatable: on CPU the same command on the same machine gives the same figures (all but
 the training minutes) as it stands, since training and probing repeat bit for bit there
 (tests/test_reproduce.py runs it twice); on GPUs pass `--deterministic`, which trains every
-arm with it and probes under op determinism, at a cost (README). `results.json` records the commit of this code and the one that trained each arm; an arm
-that another commit trained is refused (one table, one commit) unless
-`--reuse_other_commits`.
+arm with it and probes under op determinism, at a cost (README). `results.json` records the
+commit of this code and the one that trained each arm; an arm that another commit trained
+is refused (one table, one commit) unless `--reuse_other_commits`.
 """
 
 from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
