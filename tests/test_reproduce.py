@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 
 import pytest
 
 from mtss_train.ckpt import checkpoint_files
+from mtss_train.errors import MtssError
 from mtss_train.eval import reproduce
 from mtss_train.provenance import code_version
 from conftest import assert_one_line_error, run_cli
+from test_settings import parse
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -118,3 +121,27 @@ def test_bad_arms_and_missing_data_are_one_line_errors(tmp_path):
     assert_one_line_error(bad_arm, "--arms", "jigsaw")
     missing = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={tmp_path}", f"--fashion_mnist={tmp_path}/none")
     assert_one_line_error(missing, "Fashion-MNIST", f"{tmp_path}/none")
+
+
+def test_an_arm_with_settings_trains_with_them_and_what_it_cannot_read_is_refused(tmp_path):
+    arm = reproduce.arm_of("rp+ex@schedule=all@balance=pcgrad@lasso=true@lasso_l1=0.1")
+    assert arm == reproduce.Arm(("rp", "ex"), {"schedule": "all", "balance": "pcgrad", "lasso": True, "lasso_l1": 0.1})
+    assert reproduce.arm_of("rp+col+ex+ms-harm-lasso@lasso_l1=0.05").settings == {
+        "harmonize": True, "lasso": True, "lasso_l1": 0.05}
+    name = "rp+ex@schedule=all@balance=gradnorm@gradnorm_alpha=0.5"
+    plan = reproduce.Plan(str(tmp_path), (0,), (name,), 4, 0.01, "fm", 300, 200, 100)
+    command = reproduce.train_command(plan, name, 0, "init", {"fashion_mnist": "images", "colour": "photos"})
+    config = parse(*command[3:])  # What `python -m mtss_train` makes of it.
+    config.validate()
+    assert (config.tasks, config.schedule, config.balance, config.gradnorm_alpha) == (["rp", "ex"], "all", "gradnorm", 0.5)
+    os.makedirs(plan.train_dir(name, 0))
+    with open(os.path.join(plan.train_dir(name, 0), "flags.json"), "w") as f:  # An earlier run of other settings.
+        json.dump({"max_steps": 4, "learning_rate": 0.01, "seed": 0, "init_checkpoint": "init", "schedule": "all",
+                   "balance": "pcgrad", "gradnorm_alpha": 0.5}, f)
+    with pytest.raises(MtssError, match="balance 'pcgrad', this one asks for 'gradnorm'"):
+        reproduce.check_earlier_run(plan, name, 0, "init")
+    for bad, fragment in [("rp+jigsaw@schedule=all", "jigsaw"), ("rp+ex@max_steps=9", "sets 'max_steps'"),
+                          ("rp+ex@lasso=maybe", "'maybe' where true or false"), ("rp+ex@lasso_l1=x", "a float goes"),
+                          ("ex+rp", "is not one of")]:
+        with pytest.raises(MtssError, match=re.escape(fragment)):
+            reproduce.arm_of(bad)

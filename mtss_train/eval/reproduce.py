@@ -25,6 +25,12 @@ the only video that ships. Every run is a `python -m mtss_train` process, as a u
 an arm whose final checkpoint exists is not trained again and a half-trained one resumes, so
 a killed run picks up where it was.
 
+Arms beyond the seven: `--arms` also takes tasks joined by '+' (or one of the seven's names)
+with trainer settings, each after an '@', e.g. `rp+ex@schedule=all@balance=pcgrad`: the
+arm trains as the tasks do elsewhere here plus those settings, which the table names and
+results.json records. With `schedule=all` every step trains each of the arm's tasks on
+its own batch, so such an arm sees more examples in the same number of updates.
+
 Repeatable: on CPU the same command on the same machine gives the same figures (all but
 the training minutes) as it stands, since training and probing repeat bit for bit there
 (tests/test_reproduce.py runs it twice); on GPUs pass `--deterministic`, which trains every
@@ -63,6 +69,7 @@ from mtss_train.data.sample import sample_photo_paths
 from mtss_train.errors import DataError, MtssError, cli_main
 from mtss_train.progress import duration
 from mtss_train.provenance import code_version
+from mtss_train.train.config import TrainConfig
 from mtss_train.eval import compare
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
@@ -78,6 +85,10 @@ class Arm:
 
 
 RANDOM_ARM = "random"
+SETTING_MARK = "@"  # In an arm's name: rp+ex@schedule=all@balance=pcgrad.
+# What every arm shares (the budget, the seeds, the data) or the plan sets: not an arm's setting.
+NOT_ARM_SETTINGS = {"tasks", "task_params", "train_dir", "init_checkpoint", "max_steps", "seed", "learning_rate",
+                    "data", "eval_data", "deterministic", "version"}
 # Three combinations: all four tasks (col and ms on their own data), plain and with the
 # paper's harmonization and lasso, and the tasks that apply to the grey Fashion-MNIST images
 # themselves. Names become directory names ('+' as '_').
@@ -111,7 +122,9 @@ TRAIN_FLAGS = ("--batch_norm_decay=0.9",)  # Short runs need fast BN moving aver
 _OUT = flags.DEFINE_string("out", "runs/reproduce", "Working directory: data, one train dir per arm and seed, results.json.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one a random init, data order and probe split.")
 _STEPS = flags.DEFINE_integer("steps", 1500, "The budget: optimizer steps of every arm.", lower_bound=1)
-_ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to pre-train (the random init is always probed): {', '.join(ARMS)}.")
+_ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to pre-train (the random init is always probed): {', '.join(ARMS)}; "
+                          "or tasks joined by '+', or one of those, with trainer settings each after an '@', e.g. "
+                          "rp+ex@schedule=all@balance=pcgrad.")
 _FASHION_MNIST = flags.DEFINE_string("fashion_mnist", "/usr/share/datasets/fashion-mnist",
                                      "Directory of Fashion-MNIST's idx files (Debian: dataset-fashion-mnist).")
 _UNLABELLED_LIMIT = flags.DEFINE_integer("unlabelled_limit", None, "Use the first N training images for pre-training.", lower_bound=1)
@@ -154,14 +167,53 @@ class Plan:
         return os.path.join(self.out, "init", f"seed{seed}")
 
 
+def arm_of(name: str) -> Arm:
+    """The arm `name` stands for: one of ARMS, or tasks (or one of ARMS) followed by trainer
+    settings, each after an '@', as `rp+ex@schedule=all@balance=pcgrad`.
+
+    Raises:
+      MtssError: naming what it cannot read.
+    """
+    if name in ARMS:
+        return ARMS[name]
+    base, *assignments = name.split(SETTING_MARK)
+    tasks = ARMS[base].tasks if base in ARMS else tuple(base.split("+"))
+    unknown = [task for task in tasks if task not in TASK_PARAMS]
+    if unknown or not assignments and base not in ARMS:
+        raise MtssError(f"--arms: {name!r} is not one of {', '.join(ARMS)}, nor tasks of {', '.join(TASK_PARAMS)} "
+                        f"joined by '+' with settings after '{SETTING_MARK}' (e.g. rp+ex@schedule=all@balance=pcgrad)")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig) if field.name not in NOT_ARM_SETTINGS}
+    settings = dict(ARMS[base].settings) if base in ARMS else {}
+    for assignment in assignments:
+        key, _, text = assignment.partition("=")
+        if key not in fields or not isinstance(fields[key].default, (bool, int, float, str)):
+            raise MtssError(f"--arms: {name!r} sets {key!r}, which is no trainer setting an arm may change: "
+                            f"{', '.join(k for k, f in fields.items() if isinstance(f.default, (bool, int, float, str)))}")
+        settings[key] = _typed(fields[key].default, text, name)
+    return Arm(tasks, settings)
+
+
+def _typed(default: bool | int | float | str, text: str, arm: str) -> bool | int | float | str:
+    """`text` as a value of `default`'s type, as flags.json records it."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise MtssError(f"--arms: {arm!r} gives {text!r} where true or false goes")
+        return text.lower() == "true"
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise MtssError(f"--arms: {arm!r} gives {text!r} where a {type(default).__name__} goes") from None
+
+
 def plan_from_flags() -> Plan:
     try:
         seeds = tuple(int(s) for s in _SEEDS.value)
     except ValueError:
         raise MtssError(f"--seeds takes integers, got {','.join(_SEEDS.value)}") from None
-    unknown = [a for a in _ARMS.value if a not in ARMS]
-    if unknown or not _ARMS.value or not seeds:
-        raise MtssError(f"--arms must name some of {', '.join(ARMS)} (got {','.join(_ARMS.value)}) and --seeds at least one")
+    if not _ARMS.value or not seeds:
+        raise MtssError("--arms and --seeds need one value at least")
+    for arm in _ARMS.value:
+        arm_of(arm)  # Refuses what it cannot read.
     plan = Plan(os.path.abspath(_OUT.value), seeds, tuple(_ARMS.value), _STEPS.value, _LEARNING_RATE.value,
                 _FASHION_MNIST.value, _UNLABELLED_LIMIT.value, _PROBE_LIMIT.value, _RECALIBRATE_BATCHES.value,
                 _REUSE_OTHER_COMMITS.value, _DETERMINISTIC.value)
@@ -230,14 +282,14 @@ def write_init_checkpoint(plan: Plan, seed: int) -> str:
 
 
 def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> list[str]:
-    tasks = ARMS[arm].tasks
+    tasks = arm_of(arm).tasks
     command = [sys.executable, "-m", "mtss_train", f"--tasks={','.join(tasks)}", f"--trunk_size={TRUNK_SIZE}",
                f"--train_dir={plan.train_dir(arm, seed)}", f"--init_checkpoint={init}",
                f"--max_steps={plan.steps}", f"--seed={seed}", f"--learning_rate={plan.learning_rate}",
                f"--save_every_steps={max(plan.steps // 4, 1)}", f"--summary_every_steps={max(plan.steps // 10, 1)}",
                f"--log_every_steps={max(plan.steps // 10, 1)}", *TRAIN_FLAGS,
                *(["--deterministic"] if plan.deterministic else []),
-               *(f"--{key}={value}" for key, value in ARMS[arm].settings.items())]
+               *(f"--{key}={value}" for key, value in arm_of(arm).settings.items())]
     if "rp" in tasks or "ex" in tasks:
         command.append(f"--data={sources['fashion_mnist']}")
     if "col" in tasks:
@@ -265,9 +317,9 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
     with open(path) as f:
         earlier = json.load(f)
     wanted = {"max_steps": plan.steps, "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init,
-              **ARMS[arm].settings}
+              **arm_of(arm).settings}
     found = {key: earlier.get(key) for key in wanted}
-    for task in ARMS[arm].tasks:
+    for task in arm_of(arm).tasks:
         given = earlier.get("task_params", {}).get(task, {})
         for key, value in TASK_PARAMS[task].items():
             wanted[f"{task}.{key}"], found[f"{task}.{key}"] = str(value), given.get(key)
@@ -359,7 +411,7 @@ def summarise(plan: Plan, runs: dict[str, dict[int, dict]], train_seconds: dict[
     commit that trained each (`commits`; None for random init)."""
     arms = {}
     for arm, by_seed in runs.items():
-        found = ARMS.get(arm, Arm(()))
+        found = Arm(()) if arm == RANDOM_ARM else arm_of(arm)
         arms[arm] = {"tasks": list(found.tasks), "trainer_settings": dict(found.settings),
                      "trained_by": {str(s): commits[arm][s] for s in plan.seeds},
                      "train_seconds": {str(s): train_seconds[arm][s] for s in plan.seeds},
@@ -375,7 +427,7 @@ def summarise(plan: Plan, runs: dict[str, dict[int, dict]], train_seconds: dict[
 def _claims(plan: Plan, arms: dict, column: str) -> dict:
     """The claims' figures within one column (each arm against random init probed alike)."""
     top1 = {arm: found[column]["test_top1_mean"] for arm, found in arms.items()}
-    singles = [a for a in plan.arms if len(ARMS[a].tasks) == 1]
+    singles = [a for a in plan.arms if len(arm_of(a).tasks) == 1]
     best_single = max(singles, key=top1.get) if singles else None
     best = max(plan.arms, key=top1.get)
     return {
@@ -383,7 +435,7 @@ def _claims(plan: Plan, arms: dict, column: str) -> dict:
         "best_single_task": best_single,
         "arms_beating_random": [a for a in plan.arms if top1[a] > top1[RANDOM_ARM]],
         "combination_minus_best_single": {
-            a: top1[a] - top1[best_single] for a in plan.arms if len(ARMS[a].tasks) > 1 and best_single},
+            a: top1[a] - top1[best_single] for a in plan.arms if len(arm_of(a).tasks) > 1 and best_single},
     }
 
 
@@ -423,7 +475,8 @@ def table(summary: dict) -> str:
 
 def budget_line(plan: Plan) -> str:
     return (f"budget: {plan.steps} optimizer steps per arm ({TRUNK_SIZE} trunk, learning rate "
-            f"{plan.learning_rate:g}; a combination's steps are shared round-robin by its tasks); "
+            f"{plan.learning_rate:g}; a combination's steps are shared round-robin by its tasks, or, with "
+            f"{SETTING_MARK}schedule=all, each step trains all of them); "
             f"probe: first {plan.probe_limit:,} Fashion-MNIST training / test images, BatchNorm as trained "
             f"and re-estimated on at most {plan.recalibrate_batches} batches of those training images, seeds "
             f"{','.join(map(str, plan.seeds))}")

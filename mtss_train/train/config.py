@@ -6,6 +6,7 @@ import math
 from typing import Any, Sequence
 
 from mtss_train.model import trunk
+from mtss_train.train.balance import BALANCES
 from mtss_train.data.files import write_atomically
 from mtss_train.data.images import DEFAULT_MAX_PIXELS, TFRECORD_IMAGE_KEY
 from mtss_train.errors import MtssError
@@ -67,6 +68,13 @@ class TrainConfig:
     # Ours, not the paper's (README); mtss_train.model.lasso applies it.
     lasso_l1: float = setting(0.3, help="Weight of the lasso's sparsity penalty ||alpha||_1 / ||alpha||_2 on each "
                               "head's per-unit weights.")
+    balance: str = setting("none", help="How a step of several tasks (--schedule all) combines them on the trunk: "
+                           "the sum of their losses, learned uncertainty weights, GradNorm or PCGrad "
+                           "(mtss_train.train.balance).", choices=BALANCES)
+    balance_learning_rate: float = setting(0.025, help="Adam learning rate of the weights --balance uncertainty or "
+                                           "gradnorm learns (the GradNorm paper's).")
+    gradnorm_alpha: float = setting(1.5, help="GradNorm's asymmetry alpha: how much more gradient a task that trains "
+                                    "slowly gets (the paper's NYUv2 value).")
     optimizer: str = setting("rmsprop", help="Optimizer.", choices=OPTIMIZERS)
     learning_rate: float = setting(1e-3, help="Peak learning rate.")
     lr_schedule: str = setting("constant", help="Learning-rate schedule.", choices=LR_SCHEDULES)
@@ -128,6 +136,8 @@ class TrainConfig:
              "step intervals and --keep_checkpoints must be >= 1"),
             (self.eval_batches >= 1, "--eval_batches must be >= 1"),
             (self.lasso_l1 >= 0, "--lasso_l1 must be >= 0"),
+            (self.balance_learning_rate > 0 and self.gradnorm_alpha >= 0,
+             "--balance_learning_rate must be > 0 and --gradnorm_alpha >= 0"),
             (self.max_image_pixels >= 1, "--max_image_pixels must be >= 1"),
             (bool(self.image_key), "--image_key must not be empty"),
         ]
@@ -137,6 +147,12 @@ class TrainConfig:
         if self.deterministic and self.strategy == "parameter_server":
             raise MtssError("--deterministic cannot hold under --strategy parameter_server: its workers apply steps "
                             "asynchronously, in the order they finish, and draw their own seeds")
+        if self.balance != "none" and (self.schedule != "all" or len(self.tasks) < 2):
+            raise MtssError(f"--balance {self.balance} balances the tasks a step trains together: it needs "
+                            "--schedule all and two tasks or more")
+        if self.balance != "none" and self.strategy != "default":
+            raise MtssError(f"--balance {self.balance} runs on one device for now (--strategy default): across "
+                            "replicas its gradient sums met the wrong partners in a test (issue 27)")
         if self.task_weights is not None:
             if self.schedule != "weighted":
                 raise MtssError("--task_weights needs --schedule weighted")
@@ -218,7 +234,7 @@ def write_config(config: TrainConfig, tasks: list[Task], path: str) -> None:
 
 
 # Trainer settings that change which variables exist or their shapes.
-_SHAPE_SETTINGS = ("tasks", "trunk_size", "lasso", "optimizer")
+_SHAPE_SETTINGS = ("tasks", "trunk_size", "lasso", "optimizer", "balance")
 
 
 def changed_settings(path: str, config: TrainConfig, tasks: list[Task]) -> list[str]:
@@ -230,7 +246,9 @@ def changed_settings(path: str, config: TrainConfig, tasks: list[Task]) -> list[
     except (OSError, ValueError):
         return []
     now = resolved(config, tasks)
-    changed = [f"--{key}={now[key]} (was {before.get(key)})" for key in _SHAPE_SETTINGS if now[key] != before.get(key)]
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}  # Of settings added later.
+    changed = [f"--{key}={now[key]} (was {before.get(key, defaults[key])})" for key in _SHAPE_SETTINGS
+               if now[key] != before.get(key, defaults[key])]
     for task, settings in now["task_configs"].items():
         old = before.get("task_configs", {}).get(task, {})
         changed += [f"--task_param {task}.{key}={value} (was {old[key]})" for key, value in settings.items()

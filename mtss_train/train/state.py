@@ -22,6 +22,7 @@ from mtss_train.errors import CheckpointError, MtssError, UnreadableCheckpointEr
 from mtss_train.train.setting_errors import explained
 from mtss_train.model.multitask import MultiTaskModel
 from mtss_train.train.optim import make_optimizer
+from mtss_train.train.balance import make_balance
 from mtss_train.model.slim_layer import slim_name
 from mtss_train.task import Batch, Task
 
@@ -49,6 +50,8 @@ class TrainingState:
                 freeze_batch_norm=config.freeze_batch_norm,
             )
             self.optimizer = make_optimizer(config)
+            self.balance = make_balance(config.balance, [t.name for t in tasks], config.seed,
+                                        config.balance_learning_rate, config.gradnorm_alpha)
         self.unreadable: list[tuple[str, str]] = []  # Train-dir checkpoints skipped: (prefix, why).
         self._resume_from: str | None = None
         self._resume_searched = False
@@ -59,12 +62,14 @@ class TrainingState:
         return int(self.optimizer.iterations.numpy())
 
     def variables(self) -> dict[str, tf.Variable]:
-        """Everything a checkpoint holds, by name: model, global step, optimizer slots."""
+        """Everything a checkpoint holds, by name: model, global step, optimizer slots,
+        and what a --balance learns (under `balance/`)."""
         state = self.model.variables_by_name()
         state[GLOBAL_STEP] = self.optimizer.iterations
         for variable in self.optimizer.variables():
             if variable is not self.optimizer.iterations:
                 state[OPTIMIZER_SCOPE + slim_name(variable)] = variable
+        state.update(self.balance.checkpoint_variables)
         return state
 
     def build(self, batches: dict[str, Batch]) -> None:
@@ -75,6 +80,7 @@ class TrainingState:
                 self.model(task.name, local, training=False)
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables([t.name for t in self.tasks]))
+            self.balance.build()
         self.built = True
 
     def resume_checkpoint(self) -> str | None:

@@ -16,6 +16,7 @@ from mtss_train.compat import tf, tf_keras
 from mtss_train.errors import MtssError
 from mtss_train.train.setting_errors import explained, op_message
 from mtss_train.model.multitask import MultiTaskModel
+from mtss_train.train.balance import REGULARIZATION, TOTAL, Balance, summed
 from mtss_train.task import Batch, Metric
 
 # name -> (sum of weighted values, sum of weights) over the global batch.
@@ -39,14 +40,18 @@ class StepRunner:
       model: the multi-task model.
       optimizer: applies the gradients (a LossScaleOptimizer scales float16 losses).
       trainable_scopes: restrict training to variables under these name prefixes.
+      balance: how a step of several tasks combines them (`balance.Balance`); None: the
+        sum of their weighted losses, and no gradient cosines.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: MultiTaskModel,
-                 optimizer: tf_keras.optimizers.Optimizer, trainable_scopes: Sequence[str] = ()):
+                 optimizer: tf_keras.optimizers.Optimizer, trainable_scopes: Sequence[str] = (),
+                 balance: Balance | None = None):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
         self.trainable_scopes = tuple(trainable_scopes)
+        self.balance = balance
         self.loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         self._compiled: dict[tuple[str, object], Callable] = {}
 
@@ -61,24 +66,41 @@ class StepRunner:
         share = tf.nn.compute_average_loss(per_example, global_batch_size=task.config.batch_size)
         return share, {LOSS: _sums(per_example), **{k: _sums(v) for k, v in metrics.items()}}
 
-    def _train_replica(self, task_names: tuple[str, ...]) -> Callable[[dict[str, Batch]], dict[str, Results]]:
+    def _train_replica(self, task_names: tuple[str, ...], diagnose: bool) -> Callable[[dict[str, Batch]], dict[str, Results]]:
         variables = self.model.trainable_variables(task_names, self.trainable_scopes)
         if not variables:
             raise MtssError(f"--trainable_scopes {list(self.trainable_scopes)} select no variable of {task_names}")
+        trunk = {id(v) for v in self.model.trunk.trainable_variables}
+        shared = [v for v in variables if id(v) in trunk]
+        # A plain sum of the losses takes one backward pass; the balance is asked only when it
+        # does more, so a run without one steps exactly as it did before balancing existed.
+        balanced = (self.balance is not None and len(task_names) > 1 and bool(shared)
+                    and (self.balance.name != "none" or diagnose))
 
         def replica_step(batches: dict[str, Batch]) -> dict[str, Results]:
-            results = {}
-            with tf.GradientTape() as tape:
-                total = tf.nn.scale_regularization_loss(self.model.regularization_loss(task_names))
+            results, shares = {}, {}
+            with tf.GradientTape(persistent=balanced) as tape:
+                regularization = tf.nn.scale_regularization_loss(self.model.regularization_loss(task_names))
                 for name in task_names:
                     share, results[name] = self._replica_results(name, batches[name], training=True)
-                    total += self.model.tasks[name].config.loss_weight * share
+                    shares[name] = self.model.tasks[name].config.loss_weight * share
+                if balanced:
+                    targets = {TOTAL: self.balance.total(shares, regularization), REGULARIZATION: regularization,
+                               **shares}
+                else:
+                    targets = {TOTAL: summed(shares, regularization)}
                 if self.loss_scaled:
-                    total = self.optimizer.get_scaled_loss(total)
-            gradients = tape.gradient(total, variables)
-            if self.loss_scaled:
-                gradients = self.optimizer.get_unscaled_gradients(gradients)
-            self.optimizer.apply_gradients(zip(gradients, variables))
+                    targets = {key: self.optimizer.get_scaled_loss(value) for key, value in targets.items()}
+
+            def gradient(key: str, sources: Sequence[tf.Variable]) -> list:
+                found = tape.gradient(targets[key], sources)
+                return self.optimizer.get_unscaled_gradients(found) if self.loss_scaled else found
+
+            if balanced:  # The balance sums the gradients over the replicas itself.
+                pairs = self.balance.update(gradient, shares, variables, shared, self.optimizer.iterations, diagnose)
+                self.optimizer.apply_gradients(pairs, skip_gradients_aggregation=True)
+            else:
+                self.optimizer.apply_gradients(zip(gradient(TOTAL, variables), variables))
             return results
 
         return replica_step
@@ -96,19 +118,24 @@ class StepRunner:
             self._compiled[kind, key] = make()
         return self._compiled[kind, key]
 
-    def train_step(self, task_names: tuple[str, ...]) -> Callable[[dict[str, Batch]], dict[str, Results]]:
-        """The compiled training step of one task, or of several on the sum of their
-        weighted losses: {name: distributed batch} -> {name: Results}."""
-        return self._get("train", task_names, lambda: self._distributed(self._train_replica(task_names)))
+    def train_step(self, task_names: tuple[str, ...], diagnose: bool = False
+                   ) -> Callable[[dict[str, Batch]], dict[str, Results]]:
+        """The compiled training step of one task, or of several balanced by `balance`:
+        {name: distributed batch} -> {name: Results}. `diagnose`: a step of several tasks
+        also records the cosines between their trunk gradients (`Balance.cosines`)."""
+        diagnose = diagnose and len(task_names) > 1 and self.balance is not None
+        return self._get("train", (task_names, diagnose),
+                         lambda: self._distributed(self._train_replica(task_names, diagnose)))
 
     def eval_step(self, task_name: str) -> Callable[[Batch], Results]:
         """Results of a task in inference mode (BN moving statistics), no update."""
         return self._get("eval", task_name, lambda: self._distributed(
             lambda batch: self._replica_results(task_name, batch, training=False)[1]))
 
-    def run(self, task_names: Sequence[str], batches: dict[str, Batch]) -> dict[str, Results]:
-        """One training step of `task_names` on their distributed batches."""
-        return self.train_step(tuple(task_names))(batches)
+    def run(self, task_names: Sequence[str], batches: dict[str, Batch], diagnose: bool = False) -> dict[str, Results]:
+        """One training step of `task_names` on their distributed batches (`diagnose`: see
+        `train_step`)."""
+        return self.train_step(tuple(task_names), diagnose)(batches)
 
     def pictures(self, task_name: str, batch: Batch) -> dict[str, tf.Tensor]:
         """The task's TensorBoard pictures for (this worker's first replica's part of) a batch,
@@ -195,8 +222,10 @@ class RemoteStepRunner(StepRunner):
                 raise MtssError(f"lost the connection to a parameter server ({op_message(e)}); the variables live "
                                 "there, so training stops: the same command resumes from the last checkpoint") from None
 
-    def run(self, task_names: Sequence[str], iterators: dict[str, object]) -> dict[str, RemoteResults]:
-        """Schedules one training step of `task_names`; `iterators`: per-worker iterators."""
+    def run(self, task_names: Sequence[str], iterators: dict[str, object], diagnose: bool = False
+            ) -> dict[str, RemoteResults]:
+        """Schedules one training step of `task_names`; `iterators`: per-worker iterators.
+        No balancing runs here (the trainer refuses it), so `diagnose` changes nothing."""
         names = tuple(task_names)
         function = self._get("scheduled", names, lambda: self._scheduled(names))
         with self._reported():

@@ -148,8 +148,12 @@ class Trainer:
             self.runner = RemoteStepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes,
                                            workers=cluster.cluster_spec().num_tasks("worker"))
         else:
-            self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes)
+            # Balancing, and measuring the gradient cosines, run on one device (config.validate).
+            self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes,
+                                     self.state.balance if config.strategy == "default" else None)
         self.summary_dir = os.path.join(config.train_dir, "logs")
+        # Steps that train several tasks together show their balance (weights, gradient cosines).
+        self._balanced = config.schedule == "all" and len(self.tasks) > 1 and config.strategy == "default"
         self.stopped_by: signal.Signals | None = None
         self._local_iterators: dict[str, Iterator] = {}  # Parameter-server runs: batches made here, for pictures.
 
@@ -282,7 +286,10 @@ class Trainer:
                 began = ended if self.remote else time.perf_counter()
                 names = self.schedule.tasks_at(step)
                 with explained([by_name[n] for n in names], f"at step {step + 1}"):
-                    results = self.runner.run(names, self._step_inputs(names, iterators, last_batches, fresh))
+                    # The step before a summary measures how the tasks' trunk gradients agree.
+                    results = self.runner.run(names, self._step_inputs(names, iterators, last_batches, fresh),
+                                              diagnose=(step + 1) % config.summary_every_steps == 0
+                                              or step + 1 == config.max_steps)
                 step += 1
                 ended = time.perf_counter()
                 for name in names:
@@ -346,7 +353,9 @@ class Trainer:
             scalars[f"data/skipped/{kind}"] = count
         pictures = {name: self.runner.pictures(name, batch) for name, batch in last_batches.items()}
         model_scalars, model_pictures, histograms = self.model.summaries(self.schedule.names)
-        reporter.write_summaries(step, {**scalars, **model_scalars}, {**pictures, **model_pictures}, histograms)
+        balance_scalars, balance_pictures = self.state.balance.summaries() if self._balanced else ({}, {})
+        reporter.write_summaries(step, {**scalars, **model_scalars, **balance_scalars},
+                                 {**pictures, **model_pictures, **balance_pictures}, histograms)
 
     def _skips_by_kind(self) -> dict[str, int]:
         kinds = sorted({t.source_kind for t in self.tasks})
