@@ -11,8 +11,9 @@ their losses into one update of the shared trunk.
 Heads are never balanced: each head takes its own task's plain gradient. Every method runs
 inside the replica function and decides from gradients summed over the replicas (one
 all-reduce), identically on every replica. The trainer runs it on one device only for now:
-under MirroredStrategy on two logical CPUs that all-reduce met a different one on the other
-replica (a shape mismatch between two traces of the step, in the equivalence test only).
+the test comparing MirroredStrategy on two logical CPUs with one device failed with a
+collective shape mismatch, most likely its own doing (several strategies in one process
+reuse collective keys); README, issue 27.
 
 Learned weights and their optimizer's slots are checkpointed under `balance/` (see
 `checkpoint_variables`), outside the trunk's scope, so the released recipe still restores
@@ -69,11 +70,9 @@ class Balance:
     A step sums over the replicas, in one all-reduce, the model's gradients, what the method
     needs (`_to_sum`) and, when it needs them or `diagnose` asks, every task's trunk
     gradient; `_update` decides from those sums, and the model optimizer applies them
-    without its own all-reduce. One all-reduce, because MirroredStrategy pairs the replicas'
-    collectives by an order that two of them in one step (ours and the optimizer's) do not
-    reliably share on CPUs: measured, they met the wrong partners in about half the runs.
-    The balance's own weights are stepped with the sums, and every replica writes its copy
-    of a balance variable itself (`_diagnostic`), without another collective. Subclasses override `total`, `_to_sum` and `_update`. Create under the
+    without its own all-reduce: one collective per step, as without a balance. The balance's
+    own weights are stepped with the sums, and every replica writes its copy of a balance
+    variable itself (`_diagnostic`), without another collective. Subclasses override `total`, `_to_sum` and `_update`. Create under the
     strategy's scope.
 
     Args:
