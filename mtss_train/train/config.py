@@ -151,8 +151,8 @@ class TrainConfig:
             raise MtssError(f"--balance {self.balance} balances the tasks a step trains together: it needs "
                             "--schedule all and two tasks or more")
         if self.balance != "none" and self.strategy != "default":
-            raise MtssError(f"--balance {self.balance} runs on one device for now (--strategy default): across "
-                            "replicas its gradient sums met the wrong partners in a test (issue 27)")
+            raise MtssError(f"--balance {self.balance} runs on one device for now (--strategy default): its "
+                            "equivalence across replicas is not yet shown by a test (issue 27)")
         if self.task_weights is not None:
             if self.schedule != "weighted":
                 raise MtssError("--task_weights needs --schedule weighted")
