@@ -63,7 +63,7 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
             assert difference == pytest.approx(found["arms"][arm][column]["test_top1_mean"] - single)
         assert f"{column}: claim 1: best arm {claims['best_arm']}" in result.stdout
         assert f"{column}: claim 2: rp+col+ex+ms-harm-lasso" in result.stdout
-    assert "budget: 4 optimizer steps per arm" in result.stdout and found["budget"] in result.stdout
+    assert "budget: 4 task batches per arm" in result.stdout and found["budget"] in result.stdout
     assert "recalibrated BN top-1" in result.stdout.splitlines()[1]
 
     # The same command in another --out gives the same figures, from bit-identical checkpoints.
@@ -134,12 +134,24 @@ def test_an_arm_with_settings_trains_with_them_and_what_it_cannot_read_is_refuse
     config = parse(*command[3:])  # What `python -m mtss_train` makes of it.
     config.validate()
     assert (config.tasks, config.schedule, config.balance, config.gradnorm_alpha) == (["rp", "ex"], "all", "gradnorm", 0.5)
+    # The budget is 4 task batches: each step of schedule=all takes one of both tasks.
+    assert config.max_steps == 2 and reproduce.arm_steps(plan, "rp+ex") == 4
     os.makedirs(plan.train_dir(name, 0))
-    with open(os.path.join(plan.train_dir(name, 0), "flags.json"), "w") as f:  # An earlier run of other settings.
-        json.dump({"max_steps": 4, "learning_rate": 0.01, "seed": 0, "init_checkpoint": "init", "schedule": "all",
-                   "balance": "pcgrad", "gradnorm_alpha": 0.5}, f)
-    with pytest.raises(MtssError, match="balance 'pcgrad', this one asks for 'gradnorm'"):
-        reproduce.check_earlier_run(plan, name, 0, "init")
+    earlier = {"max_steps": 2, "learning_rate": 0.01, "seed": 0, "init_checkpoint": "init", "schedule": "all",
+               "balance": "pcgrad", "gradnorm_alpha": 0.5,
+               "task_params": {task: {key: str(value) for key, value in reproduce.TASK_PARAMS[task].items()}
+                               for task in ("rp", "ex")}}
+    flags_path = os.path.join(plan.train_dir(name, 0), "flags.json")
+    for recorded, refusal in [(earlier, "balance 'pcgrad', this one asks for 'gradnorm'"),
+                              ({**earlier, "max_steps": 4}, "max_steps 4, this one asks for 2"),
+                              ({**earlier, "balance": "gradnorm", "deterministic": True}, "deterministic True")]:
+        with open(flags_path, "w") as f:  # An earlier run of other settings.
+            json.dump(recorded, f)
+        with pytest.raises(MtssError, match=re.escape(refusal)):
+            reproduce.check_earlier_run(plan, name, 0, "init")
+    with open(flags_path, "w") as f:  # Older than --deterministic: trained without it.
+        json.dump({**earlier, "balance": "gradnorm"}, f)
+    reproduce.check_earlier_run(plan, name, 0, "init")
     for bad, fragment in [("rp+jigsaw@schedule=all", "jigsaw"), ("rp+ex@max_steps=9", "sets 'max_steps'"),
                           ("rp+ex@lasso=maybe", "'maybe' where true or false"), ("rp+ex@lasso_l1=x", "a float goes"),
                           ("ex+rp", "is not one of")]:

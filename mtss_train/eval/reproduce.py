@@ -7,7 +7,7 @@ Claim 2: a combination of tasks beats every task alone; three are trained: all f
 all four with the paper's harmonization and lasso (`--harmonize --lasso`), and rp+ex (the
 tasks that apply to the grey probe images themselves). For each seed, one random
 tiny slim ResNet-v2 trunk (the 101's code path with fewer units) is written as a checkpoint;
-every arm warm-starts from it and trains the same number of optimizer steps (the budget: a
+every arm warm-starts from it and trains on the same number of task batches (the budget: a
 combination's steps are shared round-robin, so it gets no more updates than one task), then
 the linear probe of `mtss_train.eval.linear_probe` judges the random trunk and every trained
 one on the same Fashion-MNIST split (3x3 pooled block3, L2 chosen on a validation split of
@@ -28,8 +28,10 @@ a killed run picks up where it was.
 Arms beyond the seven: `--arms` also takes tasks joined by '+' (or one of the seven's names)
 with trainer settings, each after an '@', e.g. `rp+ex@schedule=all@balance=pcgrad`: the
 arm trains as the tasks do elsewhere here plus those settings, which the table names and
-results.json records. With `schedule=all` every step trains each of the arm's tasks on
-its own batch, so such an arm sees more examples in the same number of updates.
+results.json records. The budget is counted in task batches, one per step of a round-robin
+arm: with `schedule=all` every step trains each of the arm's T tasks on its own batch, so
+such an arm runs --steps / T steps and sees the same examples at the same cost in T times
+fewer updates.
 
 Repeatable: on CPU the same command on the same machine gives the same figures (all but
 the training minutes) as it stands, since training and probing repeat bit for bit there
@@ -121,7 +123,9 @@ TRAIN_FLAGS = ("--batch_norm_decay=0.9",)  # Short runs need fast BN moving aver
 
 _OUT = flags.DEFINE_string("out", "runs/reproduce", "Working directory: data, one train dir per arm and seed, results.json.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one a random init, data order and probe split.")
-_STEPS = flags.DEFINE_integer("steps", 1500, "The budget: optimizer steps of every arm.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 1500, "The budget: task batches of every arm, one per optimizer step (a "
+                              "schedule=all step takes one of each of its T tasks, so it runs --steps / T).",
+                              lower_bound=1)
 _ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to pre-train (the random init is always probed): {', '.join(ARMS)}; "
                           "or tasks joined by '+', or one of those, with trainer settings each after an '@', e.g. "
                           "rp+ex@schedule=all@balance=pcgrad.")
@@ -281,13 +285,21 @@ def write_init_checkpoint(plan: Plan, seed: int) -> str:
                             basename=INIT_BASENAME)
 
 
+def arm_steps(plan: Plan, arm: str) -> int:
+    """The arm's optimizer steps: the budget of --steps task batches, of which a step of
+    `schedule=all` trains one per task."""
+    found = arm_of(arm)
+    return max(plan.steps // len(found.tasks), 1) if found.settings.get("schedule") == "all" else plan.steps
+
+
 def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]) -> list[str]:
     tasks = arm_of(arm).tasks
+    steps = arm_steps(plan, arm)
     command = [sys.executable, "-m", "mtss_train", f"--tasks={','.join(tasks)}", f"--trunk_size={TRUNK_SIZE}",
                f"--train_dir={plan.train_dir(arm, seed)}", f"--init_checkpoint={init}",
-               f"--max_steps={plan.steps}", f"--seed={seed}", f"--learning_rate={plan.learning_rate}",
-               f"--save_every_steps={max(plan.steps // 4, 1)}", f"--summary_every_steps={max(plan.steps // 10, 1)}",
-               f"--log_every_steps={max(plan.steps // 10, 1)}", *TRAIN_FLAGS,
+               f"--max_steps={steps}", f"--seed={seed}", f"--learning_rate={plan.learning_rate}",
+               f"--save_every_steps={max(steps // 4, 1)}", f"--summary_every_steps={max(steps // 10, 1)}",
+               f"--log_every_steps={max(steps // 10, 1)}", *TRAIN_FLAGS,
                *(["--deterministic"] if plan.deterministic else []),
                *(f"--{key}={value}" for key, value in arm_of(arm).settings.items())]
     if "rp" in tasks or "ex" in tasks:
@@ -316,9 +328,11 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
         return
     with open(path) as f:
         earlier = json.load(f)
-    wanted = {"max_steps": plan.steps, "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init,
+    wanted = {"max_steps": arm_steps(plan, arm), "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init,
               **arm_of(arm).settings}
     found = {key: earlier.get(key) for key in wanted}
+    # A flags.json older than --deterministic trained without it.
+    wanted["deterministic"], found["deterministic"] = plan.deterministic, earlier.get("deterministic", False)
     for task in arm_of(arm).tasks:
         given = earlier.get("task_params", {}).get(task, {})
         for key, value in TASK_PARAMS[task].items():
@@ -333,7 +347,7 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
     if not plan.reuse_other_commits:
         raise MtssError(f"{directory} was trained by commit {trained_at}, this is {code_version()}: one table would "
                         "mix two commits; pass another --out, or --reuse_other_commits to use it anyway")
-    if not checkpoint.endswith(f"-{plan.steps}"):
+    if not checkpoint.endswith(f"-{arm_steps(plan, arm)}"):
         raise MtssError(f"{directory} is half-trained by commit {trained_at}: resuming it with {code_version()} would "
                         "mix two commits in one checkpoint (--reuse_other_commits uses finished arms only); pass "
                         "another --out")
@@ -360,7 +374,7 @@ def pretrain(plan: Plan, arm: str, seed: int, init: str, sources: dict[str, str]
     check_earlier_run(plan, arm, seed, init)
     timing = os.path.join(directory, TIMING_FILE)
     done = checkpoint_files.latest(directory)
-    if done and done.endswith(f"-{plan.steps}") and os.path.isfile(timing):
+    if done and done.endswith(f"-{arm_steps(plan, arm)}") and os.path.isfile(timing):
         with open(timing) as f:
             return json.load(f)["seconds"]
     os.makedirs(directory, exist_ok=True)
@@ -474,9 +488,9 @@ def table(summary: dict) -> str:
 
 
 def budget_line(plan: Plan) -> str:
-    return (f"budget: {plan.steps} optimizer steps per arm ({TRUNK_SIZE} trunk, learning rate "
-            f"{plan.learning_rate:g}; a combination's steps are shared round-robin by its tasks, or, with "
-            f"{SETTING_MARK}schedule=all, each step trains all of them); "
+    return (f"budget: {plan.steps} task batches per arm ({TRUNK_SIZE} trunk, learning rate "
+            f"{plan.learning_rate:g}; one per step: a combination's steps are shared round-robin by its tasks, "
+            f"or, with {SETTING_MARK}schedule=all, each of --steps / T steps trains all T of them); "
             f"probe: first {plan.probe_limit:,} Fashion-MNIST training / test images, BatchNorm as trained "
             f"and re-estimated on at most {plan.recalibrate_batches} batches of those training images, seeds "
             f"{','.join(map(str, plan.seeds))}")
