@@ -79,8 +79,7 @@ def test_the_cosine_picture_is_blue_where_gradients_agree_red_where_they_conflic
 @pytest.mark.parametrize("settings, message", [
     ({"schedule": "round_robin"}, "--balance pcgrad balances the tasks a step trains together: it needs --schedule all"),
     ({"tasks": ["rp"], "task_params": {}}, "needs --schedule all and two tasks or more"),
-    ({"strategy": "parameter_server"}, "--balance pcgrad runs on one device for now"),
-    ({"strategy": "mirrored"}, "--balance pcgrad runs on one device for now"),
+    ({"strategy": "parameter_server"}, "--balance pcgrad cannot run under --strategy parameter_server"),
     ({"gradnorm_alpha": -1.0}, "--gradnorm_alpha >= 0"),
 ])
 def test_a_balance_that_cannot_hold_is_refused_in_one_line(tmp_path, settings, message):
@@ -143,3 +142,10 @@ def test_measuring_gradient_cosines_leaves_the_update_unchanged(tmp_path):
     for name in measured:
         np.testing.assert_array_equal(measured[name], plain[name], err_msg=name)
     assert "balance/gradient_cosine" in tensorboard(tmp_path / "every1")[1]
+
+
+def test_gradnorm_without_trunk_weights_to_train_is_one_clear_error(tmp_path):
+    with pytest.raises(MtssError, match="--balance gradnorm needs trunk conv weights that train"):
+        # Only the BatchNorm of block3's last unit trains in the trunk: GradNorm has no layer to measure.
+        scope = "resnet_v2_101/block3/unit_4/bottleneck_v2/conv2/BatchNorm"
+        trainer.Trainer(config(tmp_path, "gradnorm", trainable_scopes=[scope, "rp_head", "col_head"])).train()

@@ -182,9 +182,9 @@ def losses(train_dir):  # Each step's rp loss, as TensorBoard holds it (a summar
 def relative_differences(a, b):  # Max over the tensors of two checkpoints of max |a - b| / max |a|.
     a, b = checkpoint_files.read_tensors(a), checkpoint_files.read_tensors(b)
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
-    differences = {"model": 0.0, "optimizer": 0.0}
+    differences = {"model": 0.0, "optimizer": 0.0, "balance": 0.0}
     for name in a:
-        kind = "optimizer" if name.startswith("optimizer/") else "model"
+        kind = next((k for k in ("optimizer", "balance") if name.startswith(k + "/")), "model")
         difference = float(np.max(np.abs(a[name] - b[name])) / max(np.max(np.abs(a[name])), 1e-12))
         differences[kind] = max(differences[kind], difference)
     return differences
@@ -316,3 +316,27 @@ def test_a_run_resumes_under_another_replica_count(tmp_path):
     assert two["losses"][2:4] == pytest.approx(one["losses"][2:4], rel=1e-5)
     assert report["weights"]["model"] < 1e-5 and report["weights"]["optimizer"] < 5e-5
     assert len(back["losses"]) == 6
+
+
+BALANCED_ON_TWO_REPLICAS = """
+root, method = sys.argv[1:]
+report = {}
+for strategy in ("default", "mirrored"):  # Frozen BatchNorm: the replicas' halves normalise alike.
+    trainer.Trainer(TrainConfig(
+        train_dir=f"{root}/{strategy}", tasks=["rp", "col"], trunk_size="tiny", schedule="all", balance=method,
+        strategy=strategy, max_steps=3, summary_every_steps=1, freeze_batch_norm=True, learning_rate=1e-4,
+        task_params={"rp": {**params, "batch_size": "4"},
+                     "col": {"batch_size": "4", "crop": "64", "resize_side": "96"}})).train()
+print(json.dumps(relative_differences(f"{root}/default/model.ckpt-3", f"{root}/mirrored/model.ckpt-3")))
+"""
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "gradnorm", "pcgrad"])
+def test_a_balanced_step_on_two_replicas_is_the_step_of_one_replica_on_the_same_global_batch(tmp_path, method):
+    """Each method decides from gradients summed over the replicas, so two replicas of half
+    the batch reach its single-device weights, slots and learned balance (frozen BatchNorm:
+    only the float32 summation order differs). One method per process: each MirroredStrategy
+    of a process restarts its collective keys, which the runtime caches with their shapes."""
+    found = json.loads(run_two_cpus(BALANCED_ON_TWO_REPLICAS, str(tmp_path), method).stdout.splitlines()[-1])
+    print(method, found)
+    assert found["model"] < 1e-5 and found["optimizer"] < 5e-5 and found["balance"] < 1e-5

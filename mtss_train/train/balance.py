@@ -10,10 +10,9 @@ their losses into one update of the shared trunk.
 
 Heads are never balanced: each head takes its own task's plain gradient. Every method runs
 inside the replica function and decides from gradients summed over the replicas (one
-all-reduce), identically on every replica. The trainer runs it on one device only for now:
-the test comparing MirroredStrategy on two logical CPUs with one device failed with a
-collective shape mismatch, most likely its own doing (several strategies in one process
-reuse collective keys); README, issue 27.
+all-reduce), identically on every replica, so two replicas of half a batch take the step of
+one device on the whole batch (tests/test_distributed.py). Parameter-server workers step
+apart, each with its own copy of the learned weights: config.validate refuses that pairing.
 
 Learned weights and their optimizer's slots are checkpointed under `balance/` (see
 `checkpoint_variables`), outside the trunk's scope, so the released recipe still restores
@@ -26,6 +25,7 @@ import math
 from typing import Callable, Sequence
 
 from mtss_train.compat import tf, tf_keras
+from mtss_train.errors import MtssError
 from mtss_train.model.slim_layer import slim_name
 
 BALANCES = ("none", "uncertainty", "gradnorm", "pcgrad")
@@ -72,8 +72,8 @@ class Balance:
     gradient; `_update` decides from those sums, and the model optimizer applies them
     without its own all-reduce: one collective per step, as without a balance. The balance's
     own weights are stepped with the sums, and every replica writes its copy of a balance
-    variable itself (`_diagnostic`), without another collective. Subclasses override `total`, `_to_sum` and `_update`. Create under the
-    strategy's scope.
+    variable itself (`_diagnostic`), without another collective. Subclasses override
+    `total`, `_to_sum` and `_update`. Create under the strategy's scope.
 
     Args:
       task_names: the tasks a step trains, in the order of their rows in the picture.
@@ -120,7 +120,8 @@ class Balance:
         connected = [tf.convert_to_tensor(g) for g in plain_gradients if g is not None]
         own = self._to_sum(gradient, shares, shared)
         local = connected + own
-        if self.needs_task_gradients or diagnose:
+        with_tasks = self.needs_task_gradients or diagnose
+        if with_tasks:
             for name in self.task_names:
                 local += [tf.zeros_like(v, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                           for g, v in zip(gradient(name, shared), shared)]
@@ -128,8 +129,7 @@ class Balance:
         pairs = [(None if g is None else next(reduced), v) for g, v in zip(plain_gradients, plain)]
         pairs += [(None, v) for v in variables if self.replaces_trunk_gradient and id(v) in shared_ids]
         sums = [next(reduced) for _ in own]
-        task_gradients = [[next(reduced) for _ in shared] for _ in self.task_names] if len(local) > len(
-            connected) + len(own) else []
+        task_gradients = [[next(reduced) for _ in shared] for _ in self.task_names] if with_tasks else []
         gram = self._record_cosines(task_gradients) if task_gradients else None
         return self._update(pairs, sums, shared, step, (task_gradients, gram) if task_gradients else None)
 
@@ -358,7 +358,8 @@ def last_shared_layer(shared: Sequence[tf.Variable]) -> tf.Variable:
     """GradNorm's W: the last conv weights the trunk creates (block3's last unit's conv3)."""
     weights = [v for v in shared if slim_name(v).endswith("/weights")]
     if not weights:
-        raise ValueError("no trunk weights train in this step")
+        raise MtssError("--balance gradnorm needs trunk conv weights that train, and --trainable_scopes leaves "
+                        "the trunk none; train block3 at least, or choose another --balance")
     return weights[-1]
 
 

@@ -150,9 +150,10 @@ class TrainConfig:
         if self.balance != "none" and (self.schedule != "all" or len(self.tasks) < 2):
             raise MtssError(f"--balance {self.balance} balances the tasks a step trains together: it needs "
                             "--schedule all and two tasks or more")
-        if self.balance != "none" and self.strategy != "default":
-            raise MtssError(f"--balance {self.balance} runs on one device for now (--strategy default): its "
-                            "equivalence across replicas is not yet shown by a test (issue 27)")
+        if self.balance != "none" and self.strategy == "parameter_server":
+            raise MtssError(f"--balance {self.balance} cannot run under --strategy parameter_server: its workers "
+                            "apply their steps apart, each with its own copy of the learned weights; use "
+                            "mirrored or multi_worker")
         if self.task_weights is not None:
             if self.schedule != "weighted":
                 raise MtssError("--task_weights needs --schedule weighted")

@@ -148,12 +148,12 @@ class Trainer:
             self.runner = RemoteStepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes,
                                            workers=cluster.cluster_spec().num_tasks("worker"))
         else:
-            # Balancing, and measuring the gradient cosines, run on one device (config.validate).
             self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes,
-                                     self.state.balance if config.strategy == "default" else None)
+                                     self.state.balance)
         self.summary_dir = os.path.join(config.train_dir, "logs")
-        # Steps that train several tasks together show their balance (weights, gradient cosines).
-        self._balanced = config.schedule == "all" and len(self.tasks) > 1 and config.strategy == "default"
+        # Steps that train several tasks together show their balance (weights, gradient cosines);
+        # parameter-server workers step apart, so there is no one balance to show (config.validate).
+        self._balanced = config.schedule == "all" and len(self.tasks) > 1 and not self.remote
         self.stopped_by: signal.Signals | None = None
         self._local_iterators: dict[str, Iterator] = {}  # Parameter-server runs: batches made here, for pictures.
 
