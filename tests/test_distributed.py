@@ -318,25 +318,30 @@ def test_a_run_resumes_under_another_replica_count(tmp_path):
     assert len(back["losses"]) == 6
 
 
-BALANCED_ON_TWO_REPLICAS = """
-root, method = sys.argv[1:]
-report = {}
+RP_AND_COL_ON_TWO_REPLICAS = """
+root, settings = sys.argv[1], json.loads(sys.argv[2])
 for strategy in ("default", "mirrored"):  # Frozen BatchNorm: the replicas' halves normalise alike.
     trainer.Trainer(TrainConfig(
-        train_dir=f"{root}/{strategy}", tasks=["rp", "col"], trunk_size="tiny", schedule="all", balance=method,
-        strategy=strategy, max_steps=3, summary_every_steps=1, freeze_batch_norm=True, learning_rate=1e-4,
+        train_dir=f"{root}/{strategy}", tasks=["rp", "col"], trunk_size="tiny", strategy=strategy, max_steps=3,
+        summary_every_steps=1, freeze_batch_norm=True, learning_rate=1e-4, **settings,
         task_params={"rp": {**params, "batch_size": "4"},
                      "col": {"batch_size": "4", "crop": "64", "resize_side": "96"}})).train()
 print(json.dumps(relative_differences(f"{root}/default/model.ckpt-3", f"{root}/mirrored/model.ckpt-3")))
 """
 
 
-@pytest.mark.parametrize("method", ["uncertainty", "gradnorm", "pcgrad"])
-def test_a_balanced_step_on_two_replicas_is_the_step_of_one_replica_on_the_same_global_batch(tmp_path, method):
-    """Each method decides from gradients summed over the replicas, so two replicas of half
-    the batch reach its single-device weights, slots and learned balance (frozen BatchNorm:
-    only the float32 summation order differs). One method per process: each MirroredStrategy
-    of a process restarts its collective keys, which the runtime caches with their shapes."""
-    found = json.loads(run_two_cpus(BALANCED_ON_TWO_REPLICAS, str(tmp_path), method).stdout.splitlines()[-1])
-    print(method, found)
+@pytest.mark.parametrize("settings", [
+    {"schedule": "all", "balance": "uncertainty"}, {"schedule": "all", "balance": "gradnorm"},
+    {"schedule": "all", "balance": "pcgrad"}, {"optimizer_state": "per_task", "clip_norm": 0.01},
+], ids=["uncertainty", "gradnorm", "pcgrad", "per_task"])
+def test_balanced_and_per_task_steps_on_two_replicas_are_the_step_of_one_replica_on_the_same_global_batch(
+        tmp_path, settings):
+    """Balances and per-task optimizers decide from gradients summed over the replicas (and
+    clip them together), so two replicas of half the batch reach the single-device weights,
+    slots and learned balance (frozen BatchNorm: only the float32 summation order differs).
+    One setting per process: each MirroredStrategy of a process restarts its collective
+    keys, which the runtime caches with their shapes."""
+    found = json.loads(run_two_cpus(RP_AND_COL_ON_TWO_REPLICAS, str(tmp_path), json.dumps(settings))
+                       .stdout.splitlines()[-1])
+    print(settings, found)
     assert found["model"] < 1e-5 and found["optimizer"] < 5e-5 and found["balance"] < 1e-5

@@ -15,6 +15,7 @@ from mtss_train.task import Task, TaskConfig, make_config, task_class
 
 CONFIG_VERSION = 1
 OPTIMIZERS = ("rmsprop", "momentum")
+OPTIMIZER_STATES = ("shared", "per_task")
 LR_SCHEDULES = ("constant", "cosine", "step")
 # Each step trains one task (in turn, or drawn by --task_weights), or all of them on the
 # sum of their weighted losses.
@@ -76,6 +77,10 @@ class TrainConfig:
     gradnorm_alpha: float = setting(1.5, help="GradNorm's asymmetry alpha: how much more gradient a task that trains "
                                     "slowly gets (the paper's NYUv2 value).")
     optimizer: str = setting("rmsprop", help="Optimizer.", choices=OPTIMIZERS)
+    optimizer_state: str = setting("shared", help="The optimizer's slots of the trunk: one set that every task's "
+                                   "steps update, or one set per task that only its steps update (heads have their "
+                                   "own either way; mtss_train.train.optim.PerTaskOptimizers).",
+                                   choices=OPTIMIZER_STATES)
     learning_rate: float = setting(1e-3, help="Peak learning rate.")
     lr_schedule: str = setting("constant", help="Learning-rate schedule.", choices=LR_SCHEDULES)
     warmup_steps: int = setting(0, help="Linear warm-up steps (cosine schedule).")
@@ -154,6 +159,15 @@ class TrainConfig:
             raise MtssError(f"--balance {self.balance} cannot run under --strategy parameter_server: its workers "
                             "apply their steps apart, each with its own copy of the learned weights; use "
                             "mirrored or multi_worker")
+        if self.optimizer_state == "per_task":
+            refusals = [(self.schedule == "all", "it needs --schedule round_robin or weighted: a step of --schedule "
+                         "all trains every task at once"),
+                        (self.precision == "float16", "float16's loss scaling belongs to one optimizer: use bfloat16"),
+                        (self.strategy == "parameter_server", "--strategy parameter_server is not supported")]
+            for refused, why in refusals:
+                if refused:
+                    raise MtssError(f"--optimizer_state per_task keeps each task's trunk slots for the steps it "
+                                    f"trains alone; {why}")
         if self.task_weights is not None:
             if self.schedule != "weighted":
                 raise MtssError("--task_weights needs --schedule weighted")
@@ -235,7 +249,7 @@ def write_config(config: TrainConfig, tasks: list[Task], path: str) -> None:
 
 
 # Trainer settings that change which variables exist or their shapes.
-_SHAPE_SETTINGS = ("tasks", "trunk_size", "lasso", "optimizer", "balance")
+_SHAPE_SETTINGS = ("tasks", "trunk_size", "lasso", "optimizer", "optimizer_state", "balance")
 
 
 def changed_settings(path: str, config: TrainConfig, tasks: list[Task]) -> list[str]:

@@ -1,7 +1,13 @@
-"""The optimizer and learning-rate schedule a TrainConfig asks for."""
+"""The optimizer and learning-rate schedule a TrainConfig asks for, and the per-task
+optimizer state of the trunk (`--optimizer_state per_task`)."""
+
+from typing import Sequence
 
 from mtss_train.compat import rmsprop_slots, tf, tf_keras
+from mtss_train.model.slim_layer import slim_name
 from mtss_train.train.config import TrainConfig
+
+PER_TASK_SCOPE = "per_task/"  # Under the checkpoint's optimizer scope: optimizer/per_task/<task>/...
 
 
 class FusedRMSprop(tf_keras.optimizers.RMSprop):
@@ -52,11 +58,32 @@ def make_learning_rate(config: TrainConfig) -> float | tf_keras.optimizers.sched
     return rate
 
 
-def make_optimizer(config: TrainConfig) -> tf_keras.optimizers.Optimizer:
+class _AtGlobalStep(tf_keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule read at the global step, whatever the optimizer's own iteration count."""
+
+    def __init__(self, schedule: tf_keras.optimizers.schedules.LearningRateSchedule, global_step: tf.Variable):
+        self.schedule = schedule
+        self.global_step = global_step
+
+    def __call__(self, step: tf.Tensor) -> tf.Tensor:
+        del step  # A task's optimizer counts that task's steps only.
+        return self.schedule(self.global_step)
+
+    def get_config(self) -> dict:
+        return {"schedule": self.schedule.get_config()}
+
+
+def make_optimizer(config: TrainConfig, global_step: tf.Variable | None = None) -> tf_keras.optimizers.Optimizer:
     """RMSProp (the paper's) or momentum SGD; float16 compute adds dynamic loss scaling,
-    since float16 gradients underflow without it (bfloat16 has float32's range)."""
+    since float16 gradients underflow without it (bfloat16 has float32's range).
+    `global_step`: the learning rate follows it rather than this optimizer's iterations.
+    Under `--optimizer_state per_task` no optimizer clips: `PerTaskOptimizers.apply` clips
+    the whole step's gradients at once."""
     rate = make_learning_rate(config)
-    clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
+    if global_step is not None and callable(rate):
+        rate = _AtGlobalStep(rate, global_step)
+    clipped = config.clip_norm > 0 and config.optimizer_state == "shared"
+    clip = {"global_clipnorm": config.clip_norm} if clipped else {}
     if config.optimizer == "rmsprop":
         optimizer = FusedRMSprop(
             rate, rho=config.rmsprop_decay, momentum=config.momentum,
@@ -67,3 +94,56 @@ def make_optimizer(config: TrainConfig) -> tf_keras.optimizers.Optimizer:
     if config.precision == "float16":
         optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+class PerTaskOptimizers:
+    """`--optimizer_state per_task`: each task's steps move the trunk with an optimizer of
+    their own, so one task's gradient scale (col's cross-entropy over 313 bins, ex's
+    triplets) never sets another's step sizes through shared RMSProp accumulators. Heads,
+    which only their own task's steps train, stay with the model optimizer, whose
+    iteration count is the global step and whose learning rate every task's follows.
+
+    Checkpoint names: `optimizer/per_task/<task>/<slot>/<variable>` and
+    `optimizer/per_task/<task>/iterations` (the steps that task trained). Create under the
+    strategy's scope.
+    """
+
+    def __init__(self, config: TrainConfig, task_names: Sequence[str], global_step: tf.Variable):
+        self.clip_norm = config.clip_norm
+        self.by_task = {name: make_optimizer(config, global_step) for name in task_names}
+
+    def build(self, trunk_variables: Sequence[tf.Variable]) -> None:
+        for optimizer in self.by_task.values():
+            optimizer.build(trunk_variables)
+
+    def checkpoint_variables(self, scope: str) -> dict[str, tf.Variable]:
+        """Each task's step count and slots, by checkpoint name under `scope` + per_task/."""
+        named = {}
+        for name, optimizer in self.by_task.items():
+            prefix = f"{scope}{PER_TASK_SCOPE}{name}/"
+            named[prefix + "iterations"] = optimizer.iterations
+            named.update({prefix + slim_name(v): v for v in optimizer.variables() if v is not optimizer.iterations})
+        return named
+
+    def apply(self, model_optimizer: tf_keras.optimizers.Optimizer, task_name: str,
+              gradients: Sequence[tf.Tensor | None], variables: Sequence[tf.Variable], trunk_ids: set[int]) -> None:
+        """Applies one task's step (in the replica function): its trunk gradients with its
+        own optimizer, the rest with `model_optimizer`, after summing them over the replicas
+        in one all-reduce and clipping them together, as one optimizer would."""
+        connected = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+        # Dense: an all-reduce needs one shape on every replica (see balance.Balance.update).
+        summed = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(g) for g, _ in connected])
+        if self.clip_norm > 0:
+            summed, _ = tf.clip_by_global_norm(summed, self.clip_norm)
+        pairs = [(g, v) for g, (_, v) in zip(summed, connected)]
+        trunk = [(g, v) for g, v in pairs if id(v) in trunk_ids]
+        rest = [(g, v) for g, v in pairs if id(v) not in trunk_ids]
+        # The trunk's first: its learning rate reads the global step, which the model
+        # optimizer's apply advances.
+        if trunk:
+            self.by_task[task_name].apply_gradients(trunk, skip_gradients_aggregation=True)
+        if rest:
+            model_optimizer.apply_gradients(rest, skip_gradients_aggregation=True)
+        else:
+            model_optimizer.iterations.assign_add(1)

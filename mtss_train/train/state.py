@@ -1,7 +1,8 @@
 """The training state: the model, the optimizer, and the checkpoints that hold them.
 
 A checkpoint holds every model variable under its slim name, `global_step` (the
-optimizer's iteration count) and the optimizer's slots under `optimizer/<slim name>`.
+optimizer's iteration count) and the optimizer's slots under `optimizer/<slot>/<slim name>`
+(with `--optimizer_state per_task`, the trunk's under `optimizer/per_task/<task>/`).
 Resume and warm start follow tensorflow/models slim: a checkpoint in the train dir wins;
 otherwise `init_checkpoint` warm-starts the model variables it matches. A resume restores
 everything or fails: a variable whose shape differs is an error naming the setting that
@@ -21,7 +22,7 @@ from mtss_train.train.config import TrainConfig, changed_settings
 from mtss_train.errors import CheckpointError, MtssError, UnreadableCheckpointError
 from mtss_train.train.setting_errors import explained
 from mtss_train.model.multitask import MultiTaskModel
-from mtss_train.train.optim import make_optimizer
+from mtss_train.train.optim import PerTaskOptimizers, make_optimizer
 from mtss_train.train.balance import make_balance
 from mtss_train.model.slim_layer import slim_name
 from mtss_train.task import Batch, Task
@@ -50,6 +51,8 @@ class TrainingState:
                 freeze_batch_norm=config.freeze_batch_norm,
             )
             self.optimizer = make_optimizer(config)
+            self.per_task = (PerTaskOptimizers(config, [t.name for t in tasks], self.optimizer.iterations)
+                             if config.optimizer_state == "per_task" else None)
             self.balance = make_balance(config.balance, [t.name for t in tasks], config.seed,
                                         config.balance_learning_rate, config.gradnorm_alpha)
         self.unreadable: list[tuple[str, str]] = []  # Train-dir checkpoints skipped: (prefix, why).
@@ -69,6 +72,8 @@ class TrainingState:
         for variable in self.optimizer.variables():
             if variable is not self.optimizer.iterations:
                 state[OPTIMIZER_SCOPE + slim_name(variable)] = variable
+        if self.per_task:
+            state.update(self.per_task.checkpoint_variables(OPTIMIZER_SCOPE))
         state.update(self.balance.checkpoint_variables)
         return state
 
@@ -78,8 +83,14 @@ class TrainingState:
             local = self.strategy.experimental_local_results(batches[task.name])[0]
             with self.strategy.scope(), explained([task], "building the network on its first batch"):
                 self.model(task.name, local, training=False)
+        trained = self.model.trainable_variables([t.name for t in self.tasks])
         with self.strategy.scope():
-            self.optimizer.build(self.model.trainable_variables([t.name for t in self.tasks]))
+            if self.per_task:  # The trunk's slots are the tasks' own.
+                trunk_ids = {id(v) for v in self.model.trunk.trainable_variables}
+                self.optimizer.build([v for v in trained if id(v) not in trunk_ids])
+                self.per_task.build(self.model.trunk.trainable_variables)
+            else:
+                self.optimizer.build(trained)
             self.balance.build()
         self.built = True
 
@@ -140,20 +151,25 @@ class TrainingState:
             logging.info("resuming from %s; --init_checkpoint is ignored", prefix)
         variables = self.variables()
         report = checkpoint_files.match({n: checkpoint_files.spec_of(v) for n, v in variables.items()}, prefix)
-        if report.mismatched:
-            raise CheckpointError(self._mismatch_message(report))
+        # Trunk slots under other names (another --optimizer_state) would silently start from zero.
+        renamed = [[n for n in names if n.startswith(OPTIMIZER_SCOPE) and f"/{trunk.TRUNK_SCOPE}/" in n]
+                   for names in (report.missing_in_checkpoint, report.unused_in_checkpoint)]
+        if report.mismatched or all(renamed):
+            raise CheckpointError(self._mismatch_message(report, *renamed))
         report = checkpoint_files.restore_variables(variables, prefix, required_scopes=trunk.TRUNK_SCOPES + (GLOBAL_STEP,))
         logging.info("resumed from %s at step %d:\n%s", prefix, self.step, report.format())
 
-    def _mismatch_message(self, report: checkpoint_files.RestoreReport) -> str:
+    def _mismatch_message(self, report: checkpoint_files.RestoreReport, missing: list[str], unused: list[str]) -> str:
         model_first = sorted(report.mismatched, key=lambda item: item[0].startswith(OPTIMIZER_SCOPE))
         examples = ", ".join(f"{name} {now} (checkpoint: {saved})" for name, now, saved in model_first[:3])
+        differ = (f"{len(report.mismatched)} variable(s) differ in shape or dtype, e.g. {examples}"
+                  if report.mismatched else
+                  f"its optimizer slots have other names, e.g. {unused[0]} where this run has {missing[0]}")
         changed = changed_settings(os.path.join(self.config.train_dir, "flags.json"), self.config, self.tasks)
         fix = (f"settings changed since the run that wrote it (flags.json): {', '.join(changed)}; set them back"
                if changed else "restore the settings it was trained with (see flags.json in the train dir)")
-        return (f"cannot resume from {report.checkpoint}: {len(report.mismatched)} variable(s) differ in shape "
-                f"or dtype, e.g. {examples}; {fix}, or use a new --train_dir (with --init_checkpoint "
-                f"{report.checkpoint} to warm-start what still fits)")
+        return (f"cannot resume from {report.checkpoint}: {differ}; {fix}, or use a new --train_dir (with "
+                f"--init_checkpoint {report.checkpoint} to warm-start what still fits)")
 
     def set_aside_unreadable(self) -> None:
         """Moves the skipped unreadable checkpoints into `unreadable/`, so this run can save

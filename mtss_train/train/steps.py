@@ -17,6 +17,7 @@ from mtss_train.errors import MtssError
 from mtss_train.train.setting_errors import explained, op_message
 from mtss_train.model.multitask import MultiTaskModel
 from mtss_train.train.balance import REGULARIZATION, TOTAL, Balance, summed
+from mtss_train.train.optim import PerTaskOptimizers
 from mtss_train.task import Batch, Metric
 
 # name -> (sum of weighted values, sum of weights) over the global batch.
@@ -42,16 +43,18 @@ class StepRunner:
       trainable_scopes: restrict training to variables under these name prefixes.
       balance: how a step of several tasks combines them (`balance.Balance`); None: the
         sum of their weighted losses, and no gradient cosines.
+      per_task: the tasks' own optimizers of the trunk (`--optimizer_state per_task`).
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: MultiTaskModel,
                  optimizer: tf_keras.optimizers.Optimizer, trainable_scopes: Sequence[str] = (),
-                 balance: Balance | None = None):
+                 balance: Balance | None = None, per_task: PerTaskOptimizers | None = None):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
         self.trainable_scopes = tuple(trainable_scopes)
         self.balance = balance
+        self.per_task = per_task
         self.loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         self._compiled: dict[tuple[str, object], Callable] = {}
 
@@ -99,6 +102,8 @@ class StepRunner:
             if balanced:  # The balance sums the gradients over the replicas itself.
                 pairs = self.balance.update(gradient, shares, variables, shared, self.optimizer.iterations, diagnose)
                 self.optimizer.apply_gradients(pairs, skip_gradients_aggregation=True)
+            elif self.per_task is not None:  # One task per step (config.validate).
+                self.per_task.apply(self.optimizer, task_names[0], gradient(TOTAL, variables), variables, trunk)
             else:
                 self.optimizer.apply_gradients(zip(gradient(TOTAL, variables), variables))
             return results

@@ -149,7 +149,7 @@ class Trainer:
                                            workers=cluster.cluster_spec().num_tasks("worker"))
         else:
             self.runner = StepRunner(self.strategy, self.model, self.state.optimizer, config.trainable_scopes,
-                                     self.state.balance)
+                                     self.state.balance, self.state.per_task)
         self.summary_dir = os.path.join(config.train_dir, "logs")
         # Steps that train several tasks together show their balance (weights, gradient cosines);
         # parameter-server workers step apart, so there is no one balance to show (config.validate).
