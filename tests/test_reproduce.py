@@ -152,6 +152,22 @@ def test_an_arm_with_settings_trains_with_them_and_what_it_cannot_read_is_refuse
     with open(flags_path, "w") as f:  # Older than --deterministic: trained without it.
         json.dump({**earlier, "balance": "gradnorm"}, f)
     reproduce.check_earlier_run(plan, name, 0, "init")
+    # Task settings: over TASK_PARAMS, into the command and into what an earlier run must match.
+    views = "ex@ex.loss=infonce@ex.views=4@ex.batch_size=16"
+    assert reproduce.arm_of(views).task_params == {"ex": {"loss": "infonce", "views": "4", "batch_size": "16"}}
+    command = reproduce.train_command(plan, views, 0, "init", {"fashion_mnist": "images", "colour": "photos"})
+    ex = parse(*command[3:]).task_params["ex"]
+    assert (ex["loss"], ex["views"], ex["batch_size"], ex["crop_size"]) == ("infonce", "4", "16", "96")
+    os.makedirs(plan.train_dir(views, 0))
+    with open(os.path.join(plan.train_dir(views, 0), "flags.json"), "w") as f:
+        json.dump({**earlier, "schedule": "round_robin", "max_steps": 4, "balance": "none",
+                   "task_params": {"ex": reproduce.arm_of("ex").all_task_params()["ex"]}}, f)
+    with pytest.raises(MtssError, match=re.escape("ex.batch_size '32', this one asks for '16'")):
+        reproduce.check_earlier_run(plan, views, 0, "init")
+    for bad, fragment in [("rp@ex.loss=infonce", "'ex' is not among its tasks"), ("ex@ex.loss=cosine", "ex.loss"),
+                          ("ex@ex.nothing=1", "nothing")]:
+        with pytest.raises(MtssError, match=re.escape(fragment)):
+            reproduce.arm_of(bad)
     for bad, fragment in [("rp+jigsaw@schedule=all", "jigsaw"), ("rp+ex@max_steps=9", "sets 'max_steps'"),
                           ("rp+ex@lasso=maybe", "'maybe' where true or false"), ("rp+ex@lasso_l1=x", "a float goes"),
                           ("ex+rp", "is not one of")]:

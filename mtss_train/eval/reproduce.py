@@ -26,9 +26,9 @@ an arm whose final checkpoint exists is not trained again and a half-trained one
 a killed run picks up where it was.
 
 Arms beyond the seven: `--arms` also takes tasks joined by '+' (or one of the seven's names)
-with trainer settings, each after an '@', e.g. `rp+ex@schedule=all@balance=pcgrad`: the
-arm trains as the tasks do elsewhere here plus those settings, which the table names and
-results.json records. The budget is counted in task batches, one per step of a round-robin
+with trainer settings or its tasks' settings, each after an '@', e.g.
+`rp+ex@schedule=all@balance=pcgrad` or `ex@ex.loss=infonce`: the arm trains as the tasks do
+elsewhere here plus those settings, which the table names and results.json records. The budget is counted in task batches, one per step of a round-robin
 arm: with `schedule=all` every step trains each of the arm's T tasks on its own batch, so
 such an arm runs --steps / T steps and sees the same examples at the same cost in T times
 fewer updates.
@@ -71,6 +71,7 @@ from mtss_train.data.sample import sample_photo_paths
 from mtss_train.errors import DataError, MtssError, cli_main
 from mtss_train.progress import duration
 from mtss_train.provenance import code_version
+from mtss_train.task import make_config, task_class
 from mtss_train.train.config import TrainConfig
 from mtss_train.eval import compare
 from mtss_train.eval import features as feats
@@ -79,11 +80,18 @@ from mtss_train.eval import linear_probe
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """Tasks pre-trained together, and trainer settings of this arm beyond TRAIN_FLAGS
-    (flag name -> value, as flags.json records them)."""
+    """Tasks pre-trained together, trainer settings of this arm beyond TRAIN_FLAGS (flag
+    name -> value, as flags.json records them), and task settings beyond TASK_PARAMS
+    (task -> {field: text}, as `--task_param` takes them)."""
 
     tasks: tuple[str, ...]
     settings: Mapping[str, bool | int | float | str] = dataclasses.field(default_factory=dict)
+    task_params: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+
+    def all_task_params(self) -> dict[str, dict[str, str]]:
+        """Each task's settings as this arm trains it: TASK_PARAMS with the arm's own over them."""
+        return {task: {**{key: str(value) for key, value in TASK_PARAMS[task].items()},
+                       **self.task_params.get(task, {})} for task in self.tasks}
 
 
 RANDOM_ARM = "random"
@@ -173,7 +181,8 @@ class Plan:
 
 def arm_of(name: str) -> Arm:
     """The arm `name` stands for: one of ARMS, or tasks (or one of ARMS) followed by trainer
-    settings, each after an '@', as `rp+ex@schedule=all@balance=pcgrad`.
+    settings or settings of its tasks, each after an '@', as `rp+ex@schedule=all@balance=pcgrad`
+    or `ex@ex.loss=infonce`.
 
     Raises:
       MtssError: naming what it cannot read.
@@ -188,13 +197,26 @@ def arm_of(name: str) -> Arm:
                         f"joined by '+' with settings after '{SETTING_MARK}' (e.g. rp+ex@schedule=all@balance=pcgrad)")
     fields = {field.name: field for field in dataclasses.fields(TrainConfig) if field.name not in NOT_ARM_SETTINGS}
     settings = dict(ARMS[base].settings) if base in ARMS else {}
+    task_params: dict[str, dict[str, str]] = {}
     for assignment in assignments:
         key, _, text = assignment.partition("=")
+        task, dot, field = key.partition(".")
+        if dot:
+            if task not in tasks:
+                raise MtssError(f"--arms: {name!r} sets {key!r}, but {task!r} is not among its tasks")
+            task_params.setdefault(task, {})[field] = text
+            continue
         if key not in fields or not isinstance(fields[key].default, (bool, int, float, str)):
             raise MtssError(f"--arms: {name!r} sets {key!r}, which is no trainer setting an arm may change: "
                             f"{', '.join(k for k, f in fields.items() if isinstance(f.default, (bool, int, float, str)))}")
         settings[key] = _typed(fields[key].default, text, name)
-    return Arm(tasks, settings)
+    found = Arm(tasks, settings, task_params)
+    for task, params in found.all_task_params().items():
+        try:
+            make_config(task_class(task), params).validate()
+        except MtssError as e:
+            raise MtssError(f"--arms: {name!r}: {e}") from None
+    return found
 
 
 def _typed(default: bool | int | float | str, text: str, arm: str) -> bool | int | float | str:
@@ -306,8 +328,8 @@ def train_command(plan: Plan, arm: str, seed: int, init: str, sources: dict[str,
         command.append(f"--data={sources['fashion_mnist']}")
     if "col" in tasks:
         command.append(f"--task_param=col.data={sources['colour']}")
-    for task in tasks:
-        command += [f"--task_param={task}.{key}={value}" for key, value in TASK_PARAMS[task].items()]
+    for task, params in arm_of(arm).all_task_params().items():
+        command += [f"--task_param={task}.{key}={value}" for key, value in params.items()]
     return command
 
 
@@ -328,15 +350,15 @@ def check_earlier_run(plan: Plan, arm: str, seed: int, init: str) -> None:
         return
     with open(path) as f:
         earlier = json.load(f)
-    wanted = {"max_steps": arm_steps(plan, arm), "learning_rate": plan.learning_rate, "seed": seed, "init_checkpoint": init,
-              **arm_of(arm).settings}
+    wanted = {"max_steps": arm_steps(plan, arm), "learning_rate": plan.learning_rate, "seed": seed,
+              "init_checkpoint": init, **arm_of(arm).settings}
     found = {key: earlier.get(key) for key in wanted}
     # A flags.json older than --deterministic trained without it.
     wanted["deterministic"], found["deterministic"] = plan.deterministic, earlier.get("deterministic", False)
-    for task in arm_of(arm).tasks:
+    for task, params in arm_of(arm).all_task_params().items():
         given = earlier.get("task_params", {}).get(task, {})
-        for key, value in TASK_PARAMS[task].items():
-            wanted[f"{task}.{key}"], found[f"{task}.{key}"] = str(value), given.get(key)
+        for key, value in params.items():
+            wanted[f"{task}.{key}"], found[f"{task}.{key}"] = value, given.get(key)
     for key, value in wanted.items():
         if found[key] != value:
             raise MtssError(f"{directory} holds a run with {key} {found[key]!r}, this one asks for "
@@ -427,6 +449,7 @@ def summarise(plan: Plan, runs: dict[str, dict[int, dict]], train_seconds: dict[
     for arm, by_seed in runs.items():
         found = Arm(()) if arm == RANDOM_ARM else arm_of(arm)
         arms[arm] = {"tasks": list(found.tasks), "trainer_settings": dict(found.settings),
+                     "task_settings": {task: dict(params) for task, params in found.task_params.items()},
                      "trained_by": {str(s): commits[arm][s] for s in plan.seeds},
                      "train_seconds": {str(s): train_seconds[arm][s] for s in plan.seeds},
                      "train_seconds_mean": statistics.fmean(train_seconds[arm][s] for s in plan.seeds)}
