@@ -50,7 +50,7 @@ def _replicas() -> int:
     return tf.distribute.get_replica_context().num_replicas_in_sync
 
 
-def _summed_over_replicas(tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+def summed_over_replicas(tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """Each tensor summed over the replicas (itself with one replica)."""
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, list(tensors))
 
@@ -125,7 +125,7 @@ class Balance:
             for name in self.task_names:
                 local += [tf.zeros_like(v, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                           for g, v in zip(gradient(name, shared), shared)]
-        reduced = iter(_summed_over_replicas(local))
+        reduced = iter(summed_over_replicas(local))
         pairs = [(None if g is None else next(reduced), v) for g, v in zip(plain_gradients, plain)]
         pairs += [(None, v) for v in variables if self.replaces_trunk_gradient and id(v) in shared_ids]
         sums = [next(reduced) for _ in own]

@@ -5,6 +5,7 @@ from typing import Sequence
 
 from mtss_train.compat import rmsprop_slots, tf, tf_keras
 from mtss_train.model.slim_layer import slim_name
+from mtss_train.train.balance import summed_over_replicas
 from mtss_train.train.config import TrainConfig
 
 PER_TASK_SCOPE = "per_task/"  # Under the checkpoint's optimizer scope: optimizer/per_task/<task>/...
@@ -132,8 +133,7 @@ class PerTaskOptimizers:
         in one all-reduce and clipping them together, as one optimizer would."""
         connected = [(g, v) for g, v in zip(gradients, variables) if g is not None]
         # Dense: an all-reduce needs one shape on every replica (see balance.Balance.update).
-        summed = tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(g) for g, _ in connected])
+        summed = summed_over_replicas([tf.convert_to_tensor(g) for g, _ in connected])
         if self.clip_norm > 0:
             summed, _ = tf.clip_by_global_norm(summed, self.clip_norm)
         pairs = [(g, v) for g, (_, v) in zip(summed, connected)]
