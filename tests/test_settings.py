@@ -79,7 +79,8 @@ def test_smoke_settings_say_both_defaults_in_their_help():
         summary_every_steps=20, batch_norm_decay=0.9,
         task_params={**smoke_params("rp", "col"), "rp": {**smoke_params("rp")["rp"], "batch_size": "2"}})),
     (["--config", "rp_col_ex_ms"], TrainConfig(
-        train_dir="runs/mtss", tasks=["rp", "col", "ex", "ms"], schedule="round_robin", optimizer="rmsprop")),
+        train_dir="runs/mtss", tasks=["rp", "col", "ex", "ms"], schedule="round_robin", optimizer="rmsprop",
+        optimizer_state="per_task")),
     (["--config=rp_col_ex_ms_harmonized_lasso", "--lasso_l1", "0.5", "--output_stride", "16", "--nolasso"],
      TrainConfig(train_dir="runs/mtss", tasks=["rp", "col", "ex", "ms"], harmonize=True, lasso_l1=0.5,
                  output_stride=16)),

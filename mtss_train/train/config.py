@@ -167,7 +167,7 @@ class TrainConfig:
             for refused, why in refusals:
                 if refused:
                     raise MtssError(f"--optimizer_state per_task keeps each task's trunk slots for the steps it "
-                                    f"trains alone; {why}")
+                                    f"trains alone; {why} (or pass --optimizer_state shared)")
         if self.task_weights is not None:
             if self.schedule != "weighted":
                 raise MtssError("--task_weights needs --schedule weighted")
