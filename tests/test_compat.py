@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from mtss_train import compat
+from mtss_train import compat, startup
 from mtss_train.compat import tf, tf_keras
 
 
@@ -70,6 +70,16 @@ def test_importing_the_library_leaves_log_levels_and_warning_filters_alone():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={k: v for k, v in os.environ.items() if not k.startswith("TF_")})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_startup_drops_tensorflows_load_notices_but_not_a_cuinit_failure_where_a_driver_is():
+    notices = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+               "I0000 00:00:1.0    2624 port.cc:153] oneDNN custom operations are on. You may see ...\n")
+    no_driver = "I0000 00:00:1.1    2624 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n"
+    cuinit = "E0000 00:00:1.2    2624 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: (303)\n"
+    real = "E0000 00:00:1.3    2624 some_op.cc:9] a real error\nTraceback (most recent call last):\n"
+    assert startup.kept_lines(notices + no_driver + cuinit + real) == real
+    assert startup.kept_lines(notices + cuinit + real) == cuinit + real
 
 
 class _Reads(tf_keras.layers.Layer):

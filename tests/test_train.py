@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,8 +44,13 @@ def summary_tags(log_dir) -> set[str]:
 
 
 def test_trains_writes_checkpoints_logs_config_and_resumes(tmp_path):
-    run = train(tmp_path, "--max_steps", "6", "--save_every_steps", "3", "--summary_every_steps", "3")
+    as_installed = {k: v for k, v in cli_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = train(tmp_path, "--max_steps", "6", "--save_every_steps", "3", "--summary_every_steps", "3", env=as_installed)
     assert run.returncode == 0, run.stderr
+    # A quiet start (mtss_train.startup): our line naming the devices first, none of
+    # TensorFlow's C++ start-up lines (such as the cuInit error of a machine without a GPU).
+    assert re.search(r"\] training rp from step 0 to 6 on (CPU|GPU):0$", run.stderr.splitlines()[0]), run.stderr[:2000]
+    assert not re.search(r"^[IWEF]\d{4} .*\.cc:\d+\]|absl::InitializeLog", run.stderr, re.MULTILINE), run.stderr[:2000]
     assert f"checkpoint:      {tmp_path}/model.ckpt-6" in run.stdout
     assert f"tensorboard --logdir {tmp_path}/logs" in run.stdout
     assert "step 6/6  rp: loss" in run.stderr

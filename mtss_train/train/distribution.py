@@ -137,6 +137,18 @@ def worker_count(strategy: tf.distribute.Strategy) -> int:
     return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
 
 
+def devices_in_use(strategy: tf.distribute.Strategy) -> str:
+    """Where the steps run, for the log: e.g. 'CPU:0', 'GPU:0, GPU:1', '2 workers x GPU:0'."""
+    if is_parameter_server(strategy):
+        spec = strategy.cluster_resolver.cluster_spec()
+        return f"{spec.num_tasks('worker')} workers, {spec.num_tasks('ps')} parameter servers"
+    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"  # Where TensorFlow places ops.
+    devices = [tf.DeviceSpec.from_string(d) for d in strategy.extended.worker_devices]
+    local = ", ".join(f"{d.device_type}:{d.device_index}" for d in devices)
+    return f"{worker_count(strategy)} workers x {local}" if is_multi_worker(strategy) else local
+
+
 def signal_vote(strategy: tf.distribute.Strategy) -> Callable[[int], dict[signal.Signals, int]]:
     """A collective over the workers: takes the number of the signal this worker received
     (0: none) and returns how many workers received each signal ({}: none did).

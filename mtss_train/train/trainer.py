@@ -28,7 +28,7 @@ from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
-from mtss_train.train.distribution import (is_chief, is_multi_worker, is_parameter_server, make_strategy,
+from mtss_train.train.distribution import (devices_in_use, is_chief, is_multi_worker, is_parameter_server, make_strategy,
                                            parameter_server_cluster, signal_vote, worker_count)
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
 from mtss_train.train.setting_errors import explained
@@ -274,7 +274,8 @@ class Trainer:
         last_saved = checkpoint_files.latest(config.train_dir)
         saved_step = start
         by_name = {t.name: t for t in self.tasks}
-        logging.info("training %s from step %d to %d", ", ".join(self.schedule.names), step, config.max_steps)
+        logging.info("training %s from step %d to %d on %s", ", ".join(self.schedule.names), step, config.max_steps,
+                     devices_in_use(self.strategy))
         multi_worker = is_multi_worker(self.strategy)
         stop = StopSignals(signal_vote(self.strategy), config.stop_check_every_steps) if multi_worker else StopSignals()
         with stop:
