@@ -17,12 +17,17 @@ Every option this command does not know goes to Beam, e.g. for 2 local processes
 Without `--runner`, pipelines run on Beam's FnApiRunner: the engine Beam's DirectRunner uses
 for batch pipelines, named here because DirectRunner first tries to download (from GitHub)
 and start the Prism runner, which ignores `--direct_num_workers`.
+
+Local worker processes log at INFO whatever the options say (FnApiRunner does not hand them
+the pipeline options), and each prints TensorFlow's load notices: unless `--verbose`, the
+command passes on only their warnings and errors (BEAM_WORKER_NOISE).
 """
 
-from mtss_train import startup  # noqa: F401  First: quiets TensorFlow and FFmpeg start-up logs.
+from mtss_train import startup  # First: quiets TensorFlow and FFmpeg start-up logs.
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 
@@ -30,6 +35,10 @@ from mtss_train.errors import DataError, cli_main
 
 DEFAULT_RUNNER = "FnApiRunner"
 DEFAULT_SHARDS = 16
+# Lines local Beam workers print that say nothing to a user: their INFO and DEBUG records
+# (Python logging's default format), and two warnings every worker start gives.
+BEAM_WORKER_NOISE = re.compile(r"^(INFO|DEBUG):|apitools not found, and bigquery client libraries are not available"
+                               r"|No semi_persistent_directory found")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--output", required=True, help="Output directory; a rerun replaces it.")
         command.add_argument("--shards", type=int, default=DEFAULT_SHARDS,
                              help="TFRecord files to write (aim for 100-200 MB each).")
+        command.add_argument("--verbose", action="store_true",
+                             help="Show everything Beam's worker processes and TensorFlow print (INFO lines included).")
     images.add_argument("--min_side", type=int, default=ImageSettings.min_side,
                         help="Skip images with a side below this (px, after resizing).")
     images.add_argument("--max_pixels", type=int, default=0,
@@ -121,7 +132,13 @@ def main(argv: list[str]) -> None:
     """Runs `images` or `masks` (see the module docstring); argv[0] is the program."""
     args, beam_args = _parser().parse_known_args(argv[1:])
     options = _beam_options(beam_args)
-    (_run_images if args.command == "images" else _run_masks)(args, options)
+    run = _run_images if args.command == "images" else _run_masks
+    if args.verbose:
+        run(args, options)
+        return
+    tensorflow_notices = startup.TensorFlowLoadNotices()
+    with startup.filtered_stderr(lambda line: not BEAM_WORKER_NOISE.search(line) and tensorflow_notices.keep(line)):
+        run(args, options)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ driver a failing cuInit is a real error and shows. A user who sets TF_CPP_MIN_LO
 sees everything TensorFlow prints. The trainer logs the devices it trains on, in one line.
 """
 
+import contextlib
 import os
 import re
 import sys
-import tempfile
+import threading
 import warnings
+from typing import Callable, Iterator
 
 # TensorFlow's C++ start-up INFO/WARNING lines (CPU features, oneDNN) are not actionable.
 _QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
@@ -30,6 +32,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 # `apply`/`updates` it uses itself.
 warnings.filterwarnings("ignore", r"`layer\.(apply|updates)`", UserWarning)
 
+# How long `filtered_stderr` waits for child processes that outlive its block to exit.
+CHILDREN_EXIT_SECONDS = 10
 NO_CUDA_DRIVER = re.compile(r"\] Could not find cuda drivers on your machine")
 NO_GPU_CUINIT = re.compile(r"^E\d{4} .*\] failed call to cuInit: ")
 LOAD_NOTICES = re.compile(
@@ -38,33 +42,54 @@ LOAD_NOTICES = re.compile(
     r"|" + NO_CUDA_DRIVER.pattern)
 
 
-def kept_lines(printed: str) -> str:
-    """What of TensorFlow's start-up output a user should see: all but LOAD_NOTICES, and
-    the cuInit failure only where a CUDA driver was found."""
-    no_driver = NO_CUDA_DRIVER.search(printed) is not None
-    return "".join(line for line in printed.splitlines(keepends=True)
-                   if not LOAD_NOTICES.search(line) and not (no_driver and NO_GPU_CUINIT.search(line)))
+class TensorFlowLoadNotices:
+    """`keep(line)`, line by line in the order printed: False for LOAD_NOTICES, and for the
+    cuInit failure once TensorFlow said it found no CUDA driver (it says so first)."""
+
+    def __init__(self):
+        self.no_driver = False
+
+    def keep(self, line: str) -> bool:
+        self.no_driver = self.no_driver or NO_CUDA_DRIVER.search(line) is not None
+        return not LOAD_NOTICES.search(line) and not (self.no_driver and NO_GPU_CUINIT.search(line))
 
 
-def _load_tensorflow_filtered() -> None:
-    """Imports TensorFlow and lists the GPUs (where cuInit runs) with file descriptor 2 in a
-    temporary file, then writes what `kept_lines` keeps to the real stderr, also when the
-    import fails. The C++ code writes to the descriptor, past sys.stderr."""
+@contextlib.contextmanager
+def filtered_stderr(keep: Callable[[str], bool]) -> Iterator[None]:
+    """Within the block, file descriptor 2 of this process, and of the processes it starts,
+    is a pipe; a thread passes each line `keep` accepts on to the real stderr. C++ code and
+    child processes write to the descriptor, past sys.stderr. Lines still open when the
+    block ends are passed on whole by children that outlive it, until they exit."""
     sys.stderr.flush()
     real_stderr = os.dup(2)
-    with tempfile.TemporaryFile() as printed:
-        os.dup2(printed.fileno(), 2)
-        try:
-            import tensorflow as tf
-            tf.config.list_physical_devices("GPU")
-        finally:
-            sys.stderr.flush()
-            os.dup2(real_stderr, 2)
-            os.close(real_stderr)
-            printed.seek(0)
-            sys.stderr.write(kept_lines(printed.read().decode(errors="replace")))
-            sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward(destination: int) -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if keep(line.decode(errors="replace")):
+                    os.write(destination, line)
+        os.close(destination)
+
+    thread = threading.Thread(target=forward, args=(os.dup(real_stderr),), name="filtered_stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real_stderr, 2)  # Closes this process's write end: the thread sees the end once children exit.
+        os.close(real_stderr)
+        thread.join(timeout=CHILDREN_EXIT_SECONDS)
+
+
+def _load_tensorflow() -> None:
+    """Imports TensorFlow and lists the GPUs (where cuInit runs), without its load notices."""
+    with filtered_stderr(TensorFlowLoadNotices().keep):
+        import tensorflow as tf
+        tf.config.list_physical_devices("GPU")
 
 
 if _QUIET:
-    _load_tensorflow_filtered()
+    _load_tensorflow()

@@ -4,6 +4,7 @@ trainer reading them, equality with the single-machine extractor, bad inputs, re
 import contextlib
 import io
 import os
+import re
 import shutil
 
 import cv2
@@ -120,10 +121,16 @@ def test_resizing_caps_pixels_keeps_aspect_and_reencodes(photos):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_write_the_same_bytes(photos, images_out, tmp_path):
-    """Stable sharding: the output depends on the inputs only, not on the parallelism."""
+def test_two_worker_processes_write_the_same_bytes_quietly(photos, images_out, tmp_path, capfd):
+    """Stable sharding: the output depends on the inputs only, not on the parallelism. The
+    workers' INFO lines and TensorFlow's load notices stay out of the console."""
     other = str(tmp_path / "two")
-    prepare_images(photos, other, 3, ImageSettings(min_side=32), PipelineOptions(TWO_PROCESSES))
+    prepare.main(["prepare", "images", "--input", photos, "--output", other, "--shards", "3", "--min_side", "32",
+                  *TWO_PROCESSES])
+    printed = capfd.readouterr()
+    assert f"images written to {other} in 3 shards" in printed.out
+    assert not re.search(r"^(INFO|DEBUG):|\.cc:\d+\]|absl::InitializeLog|semi_persistent", printed.err, re.MULTILINE), \
+        printed.err[:2000]
     assert sorted(os.listdir(other)) == sorted(os.listdir(images_out))
     for name in os.listdir(images_out):
         assert read(os.path.join(other, name)) == read(os.path.join(images_out, name)), name
