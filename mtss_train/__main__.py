@@ -40,13 +40,14 @@ import shutil  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
+from mtss_train.ckpt import checkpoint_files  # noqa: E402
 from mtss_train.compat import tf  # noqa: E402
 from mtss_train.configs import expand_config, shipped_configs  # noqa: E402
 from mtss_train.errors import (INTERRUPTED_EXIT_CODE, MtssError, ctrl_c_wins, message,  # noqa: E402
                                raise_keyboard_interrupt)
 from mtss_train.train.config import build_tasks  # noqa: E402
 from mtss_train.train.config_flags import TrainConfigFlags  # noqa: E402
-from mtss_train.train.distribution import parameter_server_cluster, serve_if_server  # noqa: E402
+from mtss_train.train.distribution import parameter_server_cluster, serve_if_server, watch_workers  # noqa: E402
 from mtss_train.train.trainer import Trainer  # noqa: E402
 
 _CONFIG = flags.DEFINE_string(
@@ -56,6 +57,9 @@ _SETTINGS = TrainConfigFlags()  # One flag per TrainConfig setting, --task_param
 _CHIEF_GONE_SECONDS = flags.DEFINE_float(
     "chief_gone_seconds", 60, "--strategy parameter_server: a worker or parameter server leaves (exit 0) once the "
     "chief it served has not answered for this long, so the scheduler sees the job end.", lower_bound=0)
+_WORKERS_GONE_SECONDS = flags.DEFINE_float(
+    "workers_gone_seconds", 300, "--strategy parameter_server: the chief gives up (exit 2, naming the workers and the "
+    "last checkpoint) once none of its workers has answered for this long; the same command resumes.", lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
@@ -70,12 +74,21 @@ def main(argv: list[str]) -> None:
         cluster = parameter_server_cluster()
         if serve_if_server(cluster, _CHIEF_GONE_SECONDS.value):  # This process is a worker or ps.
             return
+        watch_workers(cluster, _WORKERS_GONE_SECONDS.value, lambda lost: _leave(
+            f"error: {workers_gone(lost, _WORKERS_GONE_SECONDS.value, config.train_dir)}", 2))
     trainer = Trainer(config, cluster)
     checkpoint = trainer.train()
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))
     if trainer.stopped_by:
         sys.exit(128 + trainer.stopped_by)  # The shell's convention for "ended by signal N".
+
+
+def workers_gone(workers: list[str], seconds: float, train_dir: str) -> str:
+    """Why a parameter-server chief gave up on its workers, and how to go on."""
+    latest = checkpoint_files.latest(train_dir)
+    return (f"none of the workers {', '.join(workers)} has answered for {seconds:g} s; the last checkpoint is "
+            f"{latest or f'none yet in {train_dir}'}; start the workers again and run the same command to resume")
 
 
 def describe_outputs(train_dir: str, checkpoint: str | None, summary_dir: str) -> str:

@@ -164,6 +164,38 @@ def test_a_dead_parameter_server_fails_the_job_naming_it(tmp_path):
     assert "error: ps 0 exited with -9 while the chief trains; stopping the job" in err.read_text()
 
 
+def test_a_chief_whose_workers_are_all_gone_gives_up_naming_them_and_the_same_command_resumes(tmp_path):
+    chief_port, ps_port, worker_port = local_workers.free_ports(3)
+    cluster = {"chief": [f"localhost:{chief_port}"], "ps": [f"localhost:{ps_port}"],
+               "worker": [f"localhost:{worker_port}"]}
+    train_dir = tmp_path / "run"
+    flags = [*TASK_FLAGS, "--train_dir", str(train_dir), "--save_every_steps", "2"]
+    processes = {}
+    try:
+        for job in ("ps", "worker", "chief"):
+            with open(tmp_path / f"{job}.log", "w") as log:
+                processes[job] = subprocess.Popen(
+                    [sys.executable, "-m", "mtss_train", "--strategy", "parameter_server", "--chief_gone_seconds", "5",
+                     "--workers_gone_seconds", "5", "--max_steps", "100000", *flags],
+                    stdout=log, stderr=log, env=cli_env(TF_CONFIG=local_workers.tf_config(cluster, 0, job)))
+        wait_for(lambda: os.path.exists(train_dir / "model.ckpt-2.index") or processes["chief"].poll() is not None,
+                 "a checkpoint")
+        assert processes["chief"].poll() is None, (tmp_path / "chief.log").read_text()[-3000:]
+        processes["worker"].kill()
+        assert processes["chief"].wait(timeout=120) == 2
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+    saved = saved_step(train_dir)
+    last_line = (tmp_path / "chief.log").read_text().strip().splitlines()[-1]
+    assert last_line == (f"error: none of the workers localhost:{worker_port} has answered for 5 s; the last checkpoint "
+                         f"is {train_dir}/model.ckpt-{saved}; start the workers again and run the same command to resume")
+    resumed = launch("--workers", "1", "--ps", "1", "--", *flags, "--max_steps", str(saved + 2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {saved} to {saved + 2}" in resumed.stderr
+
+
 def test_without_a_cluster_the_strategy_says_what_it_needs(tmp_path):
     result = run_cli("mtss_train", "--strategy", "parameter_server", "--smoke", "--train_dir", str(tmp_path))
     assert_one_line_error(result, "--strategy parameter_server needs TF_CONFIG", "TF_CONFIG is not set",

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -92,6 +93,30 @@ def serve_if_server(resolver: tf.distribute.cluster_resolver.ClusterResolver, ch
     return True
 
 
+def watch_workers(resolver: tf.distribute.cluster_resolver.ClusterResolver, gone_seconds: float,
+                  on_gone: Callable[[list[str]], None], poll_seconds: float = 2.0) -> threading.Thread:
+    """The coordinator of a parameter-server job (`resolver`: `parameter_server_cluster()`)
+    calls `on_gone(worker addresses)`, from a daemon thread, once none of its workers has
+    answered for `gone_seconds`: TensorFlow's ClusterCoordinator waits for lost workers
+    forever. Workers that come back within the time (a launcher restarting one) keep it
+    going."""
+    workers = resolver.cluster_spec().job_tasks("worker")
+
+    def watch() -> None:
+        last_answer = time.monotonic()
+        while True:
+            if any(_answers(worker) for worker in workers):
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer >= gone_seconds:
+                on_gone(workers)
+                return
+            time.sleep(poll_seconds)
+
+    thread = threading.Thread(target=watch, name="watch_workers", daemon=True)
+    thread.start()
+    return thread
+
+
 def _answers(address: str) -> bool:
     host, _, port = address.rpartition(":")
     try:
@@ -137,11 +162,15 @@ def worker_count(strategy: tf.distribute.Strategy) -> int:
     return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
 
 
-def devices_in_use(strategy: tf.distribute.Strategy) -> str:
-    """Where the steps run, for the log: e.g. 'CPU:0', 'GPU:0, GPU:1', '2 workers x GPU:0'."""
+def devices_in_use(strategy: tf.distribute.Strategy,
+                   cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None) -> str:
+    """Where the steps run, for the log: e.g. 'CPU:0', 'GPU:0, GPU:1', '2 workers x GPU:0';
+    a parameter-server strategy's `cluster` (it has no public way to say it) gives
+    '2 workers, 1 parameter server'."""
     if is_parameter_server(strategy):
-        spec = strategy.cluster_resolver.cluster_spec()
-        return f"{spec.num_tasks('worker')} workers, {spec.num_tasks('ps')} parameter servers"
+        spec = cluster.cluster_spec()
+        workers, servers = spec.num_tasks("worker"), spec.num_tasks("ps")
+        return f"{workers} worker{'s' * (workers != 1)}, {servers} parameter server{'s' * (servers != 1)}"
     if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
         return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"  # Where TensorFlow places ops.
     devices = [tf.DeviceSpec.from_string(d) for d in strategy.extended.worker_devices]

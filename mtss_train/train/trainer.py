@@ -128,6 +128,7 @@ class Trainer:
         if config.strategy == "parameter_server" and cluster is None:
             cluster = parameter_server_cluster()
         self.strategy = make_strategy(config.strategy, cluster)
+        self.devices = devices_in_use(self.strategy, cluster)
         self.chief = is_chief(self.strategy)
         self.remote = is_parameter_server(self.strategy)
         inputs.check_batch_sizes(self.tasks, self.strategy.num_replicas_in_sync)
@@ -275,7 +276,7 @@ class Trainer:
         saved_step = start
         by_name = {t.name: t for t in self.tasks}
         logging.info("training %s from step %d to %d on %s", ", ".join(self.schedule.names), step, config.max_steps,
-                     devices_in_use(self.strategy))
+                     self.devices)
         multi_worker = is_multi_worker(self.strategy)
         stop = StopSignals(signal_vote(self.strategy), config.stop_check_every_steps) if multi_worker else StopSignals()
         with stop:
