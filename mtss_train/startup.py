@@ -11,7 +11,7 @@ passes on every line but TensorFlow's known start-up notices (`LOAD_NOTICES`): T
 to cuInit` on every machine without a GPU driver: an error line in a healthy CPU run. That
 line is dropped only when TensorFlow also said it found no CUDA driver; on a machine with a
 driver a failing cuInit is a real error and shows. A user who sets TF_CPP_MIN_LOG_LEVEL
-sees everything TensorFlow prints. The trainer logs the devices it trains on, in one line.
+to 0 or 1 sees everything TensorFlow prints. The trainer logs the devices it trains on, in one line.
 """
 
 import contextlib
@@ -23,7 +23,6 @@ import warnings
 from typing import Callable, Iterator
 
 # TensorFlow's C++ start-up INFO/WARNING lines (CPU features, oneDNN) are not actionable.
-_QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # FFmpeg prints its own lines (e.g. "EBML header parsing failed") for every bad video; our
 # DataError already says which file and why. OpenCV reads this when it first opens a video.
@@ -58,8 +57,8 @@ class TensorFlowLoadNotices:
 def filtered_stderr(keep: Callable[[str], bool]) -> Iterator[None]:
     """Within the block, file descriptor 2 of this process, and of the processes it starts,
     is a pipe; a thread passes each line `keep` accepts on to the real stderr. C++ code and
-    child processes write to the descriptor, past sys.stderr. Lines still open when the
-    block ends are passed on whole by children that outlive it, until they exit."""
+    child processes write to the descriptor, past sys.stderr. Children that outlive the
+    block go on writing through the thread until they exit."""
     sys.stderr.flush()
     real_stderr = os.dup(2)
     read_end, write_end = os.pipe()
@@ -91,5 +90,5 @@ def _load_tensorflow() -> None:
         tf.config.list_physical_devices("GPU")
 
 
-if _QUIET:
+if os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1"):  # Asked for INFO or WARNING lines: all of them.
     _load_tensorflow()
