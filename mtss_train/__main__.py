@@ -59,7 +59,8 @@ _CHIEF_GONE_SECONDS = flags.DEFINE_float(
     "chief it served has not answered for this long, so the scheduler sees the job end.", lower_bound=0)
 _WORKERS_GONE_SECONDS = flags.DEFINE_float(
     "workers_gone_seconds", 300, "--strategy parameter_server: the chief gives up (exit 2, naming the workers and the "
-    "last checkpoint) once none of its workers has answered for this long; the same command resumes.", lower_bound=1)
+    "last checkpoint) once none of its workers has answered for this long (10 minutes at least before the first "
+    "answer); the same command resumes.", lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
@@ -74,8 +75,8 @@ def main(argv: list[str]) -> None:
         cluster = parameter_server_cluster()
         if serve_if_server(cluster, _CHIEF_GONE_SECONDS.value):  # This process is a worker or ps.
             return
-        watch_workers(cluster, _WORKERS_GONE_SECONDS.value, lambda lost: _leave(
-            f"error: {workers_gone(lost, _WORKERS_GONE_SECONDS.value, config.train_dir)}", 2))
+        watch_workers(cluster, _WORKERS_GONE_SECONDS.value, lambda lost, seconds: _leave(
+            f"error: {workers_gone(lost, seconds, config.train_dir)}", 2))
     trainer = Trainer(config, cluster)
     checkpoint = trainer.train()
     if trainer.chief:

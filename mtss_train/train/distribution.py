@@ -19,6 +19,8 @@ PS_JOBS = ("chief", "worker", "ps")
 PS_LAUNCH_HINT = "launch/local_workers.py --ps 1 sets one up on this machine; see launch/README.md"
 # How long a worker or parameter server waits for its chief to answer the first time.
 CHIEF_START_SECONDS = 600
+# How long the chief of a parameter-server job waits for its workers to answer the first time.
+WORKER_START_SECONDS = 600
 
 
 def make_strategy(name: str, cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None
@@ -86,7 +88,7 @@ def serve_if_server(resolver: tf.distribute.cluster_resolver.ClusterResolver, ch
     chief = resolver.cluster_spec().task_address("chief", 0)
     logging.info("%s %d of the parameter-server job serving at %s until the chief at %s is gone",
                  resolver.task_type, resolver.task_id, server.target, chief)
-    if not _wait_until_gone(chief, chief_gone_seconds, CHIEF_START_SECONDS):
+    if not _wait_until_gone([chief], chief_gone_seconds, CHIEF_START_SECONDS):
         raise MtssError(f"the chief at {chief} did not answer within {CHIEF_START_SECONDS} s of this "
                         f"{resolver.task_type}'s start; see the chief's log")
     logging.info("the chief at %s has not answered for %g s: leaving", chief, chief_gone_seconds)
@@ -94,23 +96,17 @@ def serve_if_server(resolver: tf.distribute.cluster_resolver.ClusterResolver, ch
 
 
 def watch_workers(resolver: tf.distribute.cluster_resolver.ClusterResolver, gone_seconds: float,
-                  on_gone: Callable[[list[str]], None], poll_seconds: float = 2.0) -> threading.Thread:
+                  on_gone: Callable[[list[str], float], None]) -> threading.Thread:
     """The coordinator of a parameter-server job (`resolver`: `parameter_server_cluster()`)
-    calls `on_gone(worker addresses)`, from a daemon thread, once none of its workers has
-    answered for `gone_seconds`: TensorFlow's ClusterCoordinator waits for lost workers
-    forever. Workers that come back within the time (a launcher restarting one) keep it
-    going."""
+    calls `on_gone(worker addresses, seconds)`, from a daemon thread, once none of its
+    workers has answered for `gone_seconds` after one did, or for WORKER_START_SECONDS (if
+    longer) if none ever did: TensorFlow's ClusterCoordinator waits for lost workers
+    forever. Workers that come back in time (a launcher restarting one) keep it going."""
     workers = resolver.cluster_spec().job_tasks("worker")
+    start_seconds = max(gone_seconds, WORKER_START_SECONDS)
 
     def watch() -> None:
-        last_answer = time.monotonic()
-        while True:
-            if any(_answers(worker) for worker in workers):
-                last_answer = time.monotonic()
-            elif time.monotonic() - last_answer >= gone_seconds:
-                on_gone(workers)
-                return
-            time.sleep(poll_seconds)
+        on_gone(workers, gone_seconds if _wait_until_gone(workers, gone_seconds, start_seconds) else start_seconds)
 
     thread = threading.Thread(target=watch, name="watch_workers", daemon=True)
     thread.start()
@@ -126,13 +122,14 @@ def _answers(address: str) -> bool:
         return False
 
 
-def _wait_until_gone(address: str, gone_seconds: float, start_seconds: float, poll_seconds: float = 2.0) -> bool:
-    """Returns True once `address`, after it first answered, has not answered for
-    `gone_seconds`; False if it did not answer within `start_seconds`."""
+def _wait_until_gone(addresses: list[str], gone_seconds: float, start_seconds: float, poll_seconds: float = 2.0
+                     ) -> bool:
+    """Returns True once none of `addresses`, after one first answered, has answered for
+    `gone_seconds`; False if none answered within `start_seconds`."""
     last_answer = time.monotonic()
     answered = False
     while time.monotonic() - last_answer < (gone_seconds if answered else start_seconds):
-        if _answers(address):
+        if any(_answers(address) for address in addresses):
             answered, last_answer = True, time.monotonic()
         time.sleep(poll_seconds)
     return answered
