@@ -84,8 +84,14 @@ def filtered_stderr(keep: Callable[[str], bool]) -> Iterator[None]:
 
 
 def _load_tensorflow() -> None:
-    """Imports TensorFlow and lists the GPUs (where cuInit runs), without its load notices."""
-    with filtered_stderr(TensorFlowLoadNotices().keep):
+    """Imports TensorFlow and lists the GPUs (where cuInit runs), without its load notices.
+
+    Python's own writes go straight to the console: a program that ends at once on Ctrl-C
+    while TensorFlow loads (os._exit, mtss_train.__main__) would leave its message in the
+    pipe. The console stream stays open: logging handlers made while loading keep it.
+    """
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+    with filtered_stderr(TensorFlowLoadNotices().keep), contextlib.redirect_stderr(console):
         import tensorflow as tf
         tf.config.list_physical_devices("GPU")
 
