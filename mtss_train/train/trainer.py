@@ -28,8 +28,8 @@ from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
-from mtss_train.train.distribution import (devices_in_use, is_chief, is_multi_worker, is_parameter_server, make_strategy,
-                                           parameter_server_cluster, signal_vote, worker_count)
+from mtss_train.train.distribution import (devices_in_use, is_chief, is_multi_worker, is_parameter_server,
+                                           make_strategy, parameter_server_cluster, signal_vote, worker_count)
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
 from mtss_train.train.setting_errors import explained
 from mtss_train.train.reporting import Reporter, WeightedMeans
