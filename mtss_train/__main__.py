@@ -45,6 +45,7 @@ from mtss_train.compat import tf  # noqa: E402
 from mtss_train.configs import expand_config, shipped_configs  # noqa: E402
 from mtss_train.errors import (INTERRUPTED_EXIT_CODE, MtssError, ctrl_c_wins, message,  # noqa: E402
                                raise_keyboard_interrupt)
+from mtss_train.eval.neighbours import training_neighbours  # noqa: E402
 from mtss_train.train.config import build_tasks  # noqa: E402
 from mtss_train.train.config_flags import TrainConfigFlags  # noqa: E402
 from mtss_train.train.distribution import parameter_server_cluster, serve_if_server, watch_workers  # noqa: E402
@@ -77,7 +78,8 @@ def main(argv: list[str]) -> None:
             return
         watch_workers(cluster, _WORKERS_GONE_SECONDS.value, lambda lost, seconds: _leave(
             f"error: {workers_gone(lost, seconds, config.train_dir)}", 2))
-    trainer = Trainer(config, cluster)
+    neighbours = training_neighbours(config.eval_data, config.trunk_size) if config.eval_data else None
+    trainer = Trainer(config, cluster, [neighbours] if neighbours else [])
     checkpoint = trainer.train()
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))

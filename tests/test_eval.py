@@ -347,3 +347,67 @@ def test_fashion_mnist_probe_of_a_random_tiny_trunk(tmp_path):
     result = lp.run_probe("random", train, test, settings, 2000, str(tmp_path), l2_grid=(1.0, 0.1, 0.01, 1e-3))
     assert result["classes"] == 10 and result["test_examples"] == 2000
     assert result["test_top1"] > 0.6, result  # Chance is 0.1.
+
+
+# Pictures of the probe, the comparison and the reproduction (mtss_train.eval.plots).
+
+def test_probe_reports_a_confusion_matrix_and_per_class_accuracy_that_add_up():
+    assert lp.confusion_matrix(np.array([0, 1, 1, -1]), np.array([0, 0, 1, 1]), 2).tolist() == [[1, 0], [1, 1]]
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 240)
+    x = (np.eye(3)[labels] * 2 + rng.normal(size=[240, 3])).astype(np.float32)
+    result = lp.probe(x[:160], labels[:160], x[160:], labels[160:], l2_grid=(0.1,))
+    confusion = np.array(result["confusion"])
+    assert confusion.sum() == 80 and confusion.sum(axis=1).tolist() == np.bincount(labels[160:]).tolist()
+    assert np.trace(confusion) / 80 == pytest.approx(result["test_top1"])
+    np.testing.assert_allclose(result["test_top1_per_class"], np.diag(confusion) / confusion.sum(axis=1), atol=1e-5)
+
+
+def test_probe_pictures_are_written_beside_the_json(tmp_path, monkeypatch):
+    from mtss_train.eval import plots
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 120)
+    x = (np.eye(3)[labels] + rng.normal(size=[120, 3])).astype(np.float32)
+    results = [{**lp.probe(x[:80], labels[:80], x[80:], labels[80:], l2_grid=(0.1,)), "checkpoint": name,
+                "test_data": {"data": "stripes"}} for name in ("random", "runs/a/model.ckpt-9")]
+    drawn, save = {}, plots.save
+
+    def keep_and_save(figure, path):
+        drawn[os.path.basename(path)] = figure
+        save(figure, path)
+
+    monkeypatch.setattr(plots, "save", keep_and_save)
+    written = lp.write_pictures(results, ["diagonal", "horizontal", "vertical"], str(tmp_path / "r.json"))
+    assert written == [str(tmp_path / "r.confusion.png"), str(tmp_path / "r.per_class.png")]
+    assert all(cv2.imread(path) is not None for path in written)
+    panels = [axes for axes in drawn["r.confusion.png"].axes]
+    assert [a.get_title() for a in panels] == [f"random init: top-1 {results[0]['test_top1']:.3f}",
+                                                f"a/model.ckpt-9: top-1 {results[1]['test_top1']:.3f}"]
+    shown = panels[0].images[0].get_array()
+    confusion = np.array(results[0]["confusion"])
+    np.testing.assert_allclose(shown, confusion / confusion.sum(axis=1, keepdims=True))  # Rows: share of a class.
+    bars = drawn["r.per_class.png"].axes[0].patches
+    np.testing.assert_allclose([b.get_height() for b in bars[:3]], results[0]["test_top1_per_class"])
+    results[0]["confusion"] = None  # As for more than MAX_CONFUSION_CLASSES classes.
+    assert lp.write_pictures(results, None, str(tmp_path / "s.json")) == [str(tmp_path / "s.per_class.png")]
+
+
+def test_reproduction_chart_has_a_bar_per_arm_and_random_init_as_a_line(tmp_path, monkeypatch):
+    from mtss_train.eval import plots, reproduce
+
+    def arm(plain, recalibrated):
+        return {"train_seconds": {"0": 1.0, "1": 1.0},
+                **{column: {"test_top1_mean": mean, "test_top1_std": 0.01}
+                   for column, mean in zip(reproduce.COLUMNS, (plain, recalibrated))}}
+
+    result = {"budget": "budget: 10 steps", "arms": {"random": arm(0.80, 0.78), "rp": arm(0.84, 0.83),
+                                                     "rp+ex@schedule=all": arm(0.86, 0.85)}}
+    drawn = []
+    monkeypatch.setattr(plots, "save", lambda figure, path: drawn.append((figure, path)))
+    reproduce.write_chart(result, str(tmp_path / "results.png"))
+    (figure, path), = drawn
+    axes = figure.axes[0]
+    assert path == str(tmp_path / "results.png")
+    assert [round(b.get_height(), 4) for b in axes.patches] == [0.84, 0.86, 0.83, 0.85]  # Per column, per arm.
+    assert sorted(line.get_ydata()[0] for line in axes.get_lines() if line.get_linestyle() == "--") == [0.78, 0.80]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["rp", "rp+ex\n@schedule=all"]

@@ -7,8 +7,9 @@ Each CKPT (a checkpoint prefix, file or train dir, or `random` for seeded initia
 goes through `mtss_train.eval.linear_probe` with the same data, grid, image size,
 penalty grid and `--recalibrate_bn` setting (the table's BN column: `stored`, or `recal. N`
 for statistics re-estimated on N training images). The table is printed; --out also writes
-every probe's JSON result. All checkpoints are checked before any feature is extracted, so
-a bad one fails at once.
+every probe's JSON result, and beside it their test confusion matrices side by side
+(.confusion.png) and per-class accuracies as bars per checkpoint (.per_class.png). All
+checkpoints are checked before any feature is extracted, so a bad one fails at once.
 """
 
 from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
@@ -95,6 +96,8 @@ def main(argv: list[str]) -> None:
     if values.out:
         linear_probe.write_json({"train": values.train, "test": values.test, "results": results}, values.out)
         print(f"results: {values.out}")
+        for path in linear_probe.write_pictures(results, train.classes, values.out):
+            print(f"picture: {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Frozen block3 features of labelled images: batched extraction, a disk cache, export.
 
     python -m mtss_train.eval.features --checkpoint CKPT --data DATA --out DIR [--format npy|tfrecord]
+    python -m mtss_train.eval.features --checkpoint CKPT --data DATA --projector LOGDIR [--limit 5000]
 
 The trunk (a slim-name checkpoint, or `random`: seeded initial weights) runs in inference
 mode (BatchNorm uses its moving statistics, as stored or re-estimated on other images by
@@ -14,6 +15,11 @@ Features are cached on disk under a key made of the trunk's digest (the checkpoi
 content, and the recalibration's data and settings if any), the data's identity (files,
 sizes, modification times, class mapping) and every setting that changes them, so a second
 probe or a regulariser sweep never runs the trunk again.
+
+`--projector LOGDIR` writes them for TensorBoard's embedding projector, with a sprite of the
+images and their labels (`write_projector`): `tensorboard --logdir LOGDIR` shows them in 3-D
+(PCA, t-SNE, UMAP). Use --grid global (1024 numbers per image, not 9216) and a --limit of a
+few thousand images: the projector runs in the browser.
 """
 
 from mtss_train import startup  # noqa: F401  First: quiets TensorFlow's start-up logs.
@@ -25,6 +31,7 @@ import os
 import sys
 from typing import Callable
 
+import cv2
 import numpy as np
 from absl import app, flags, logging
 
@@ -137,6 +144,22 @@ def load_or_extract(model: Trunk, data: LabelledData, settings: Settings, limit:
     return found
 
 
+def images_at(data: LabelledData, indices: list[int], size: int, limit: int | None = None) -> dict[int, np.ndarray]:
+    """The images at `indices` of the order `extract` reads `data` in (row i of its
+    features), as uint8 [size, size, 3]: pictures of what features describe."""
+    wanted = set(int(i) for i in indices)
+    if not wanted:
+        return {}
+    found = {}
+    images = data.dataset(size, limit).take(max(wanted) + 1)
+    with ProgressLine(f"images of {data.path}", len(wanted), "images") as progress:
+        for index, (image, _) in enumerate(images.as_numpy_iterator()):
+            if index in wanted:
+                found[index] = image
+                progress.advance()
+    return found
+
+
 def _save(path: str, save: Callable[..., None], *args: object, **kwargs: object) -> None:
     """numpy's save/savez to exactly `path` (given a name, they would append a suffix)."""
     with open(path, "wb") as f:
@@ -169,6 +192,79 @@ def export(found: Extracted, out_dir: str, fmt: str) -> list[str]:
     except OSError as e:
         raise MtssError(f"cannot write features to {out_dir}: {e.strerror or e}") from None
     return [os.path.join(out_dir, name) for name in files]
+
+
+# TensorBoard's projector shows a sprite of at most this many pixels per side.
+SPRITE_MAX_SIDE = 8192
+PROJECTOR_FILES = ("features.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt")
+
+
+def write_projector(found: Extracted, data: LabelledData, logdir: str, thumb_size: int = 48,
+                    limit: int | None = None) -> list[str]:
+    """Writes what TensorBoard's embedding projector reads (`tensorboard --logdir LOGDIR`,
+    Projector tab: PCA, t-SNE, UMAP of the images, coloured and labelled by class).
+
+    In `logdir`: `features.tsv` (a row of tab-separated floats per image, the projector's
+    text tensor format), `metadata.tsv` (a header, then index, label and class per image),
+    `sprite.png` (the images in a square grid, row by row, shrunk so the grid fits the
+    projector's 8192 px limit) and `projector_config.pbtxt`, with paths relative to
+    `logdir` so the directory can be moved. `found` must be the features of `data` read
+    with `limit`, so row i is image i. Returns the files written.
+
+    Raises:
+      MtssError: `logdir` cannot be written. DataError: the images no longer match the features.
+    """
+    # TensorFlow's dependencies (tensorboard, protobuf), needed only here.
+    from google.protobuf import text_format
+    from tensorboard.plugins import projector
+
+    count = len(found.labels)
+    per_side = int(np.ceil(np.sqrt(count)))
+    side = max(1, min(thumb_size, SPRITE_MAX_SIDE // per_side))
+    images = images_at(data, list(range(count)), side, limit)
+    if len(images) != count:
+        raise DataError(f"{data.path} gave {len(images)} images for {count} feature rows: did it change?")
+    sprite = np.zeros([per_side * side, per_side * side, 3], np.uint8)
+    for index, image in images.items():
+        row, column = divmod(index, per_side)
+        sprite[row * side:(row + 1) * side, column * side:(column + 1) * side] = image
+    classes = data.classes or []
+    names = [classes[l] if 0 <= l < len(classes) else ("" if l < 0 else str(l)) for l in found.labels]
+    config = projector.ProjectorConfig()
+    embedding = config.embeddings.add()
+    embedding.tensor_name = f"block3 {found.meta.get('checkpoint', '')}".strip()
+    embedding.tensor_path, embedding.metadata_path = PROJECTOR_FILES[0], PROJECTOR_FILES[1]
+    embedding.tensor_shape.extend(found.features.shape)
+    embedding.sprite.image_path = PROJECTOR_FILES[2]
+    embedding.sprite.single_image_dim.extend([side, side])
+    writers = {
+        "features.tsv": lambda f: np.savetxt(f, found.features, fmt="%.6g", delimiter="\t"),
+        # Two or more columns: the projector takes the first line as the header.
+        "metadata.tsv": lambda f: _write_text(f, "index\tlabel\tclass\n" + "".join(
+            f"{i}\t{int(l)}\t{_tsv_cell(n)}\n" for i, (l, n) in enumerate(zip(found.labels, names)))),
+        "sprite.png": lambda f: _write_bytes(f, cv2.imencode(".png", sprite[:, :, ::-1])[1].tobytes()),
+        "projector_config.pbtxt": lambda f: _write_text(f, text_format.MessageToString(config)),
+    }
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        for name in PROJECTOR_FILES:
+            write_atomically(os.path.join(logdir, name), writers[name])
+    except OSError as e:
+        raise MtssError(f"cannot write the projector files to {logdir}: {e.strerror or e}") from None
+    return [os.path.join(logdir, name) for name in PROJECTOR_FILES]
+
+
+def _tsv_cell(text: str) -> str:
+    return text.replace("\t", " ").replace("\n", " ")
+
+
+def _write_text(path: str, text: str) -> None:
+    _write_bytes(path, text.encode())
+
+
+def _write_bytes(path: str, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
 
 
 def _write_records(path: str, features: np.ndarray, labels: np.ndarray) -> None:
@@ -224,9 +320,17 @@ def main(argv: list[str]) -> None:
     values = flags.FLAGS
     settings = settings_from_flags()
     model = Trunk(values.checkpoint, settings)
+    if not values.out and not values.projector:
+        raise MtssError("nothing to write: pass --out DIR (features files), --projector LOGDIR, or both")
+    if values.projector and values.sprite_size < 1:
+        raise MtssError(f"--sprite_size must be positive, got {values.sprite_size}")
     data = open_labelled(values.data)
     found = load_or_extract(model, data, settings, values.limit, values.cache_dir or None, values.data)
-    for path in export(found, values.out, values.format):
+    written = export(found, values.out, values.format) if values.out else []
+    if values.projector:
+        written += write_projector(found, data, values.projector, values.sprite_size, values.limit)
+        print(f"tensorboard --logdir {values.projector}  (Projector tab)", file=sys.stderr)
+    for path in written:
         print(path)
     print(f"{len(found.labels):,} examples x {found.features.shape[1]:,} features "
           f"(shape {found.meta['feature_shape']}), {found.meta['skipped']} undecodable images skipped",
@@ -237,6 +341,9 @@ if __name__ == "__main__":
     define_extraction_flags()
     flags.DEFINE_string("checkpoint", None, "Checkpoint (prefix, file or train dir) or `random`.", required=True)
     flags.DEFINE_string("data", None, "Labelled data: class folders, TFRecords or idx files.", required=True)
-    flags.DEFINE_string("out", None, "Output directory.", required=True)
+    flags.DEFINE_string("out", None, "Output directory of the features files (--format).")
+    flags.DEFINE_string("projector", None, "Also write features, labels and a sprite of the images for "
+                        "TensorBoard's embedding projector into this directory (tensorboard --logdir it).")
+    flags.DEFINE_integer("sprite_size", 48, "With --projector: side of each image in the sprite, at most.")
     flags.DEFINE_enum("format", "npy", list(FORMATS), "npy: features.npy + labels.npy; tfrecord: Examples.")
     app.run(cli_main(main))

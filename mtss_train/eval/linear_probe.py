@@ -3,6 +3,9 @@
     python -m mtss_train.eval.linear_probe --checkpoint CKPT --train DATA --test DATA \
         [--trunk_size 101|tiny] [--grid 3|global] [--recalibrate_bn] [--out result.json]
 
+With --out X.json, the test confusion matrix and per-class accuracies are also drawn beside
+it (X.confusion.png, X.per_class.png).
+
 As the paper judges a representation: block3 features of the frozen trunk, averaged over a
 3x3 grid of cells (or globally), standardised with the training data's mean and deviation,
 then softmax regression with an L2 penalty fitted by full-batch L-BFGS (scipy's L-BFGS-B
@@ -42,7 +45,11 @@ from mtss_train.data.files import write_atomically
 from mtss_train.data.labelled import LabelledData, open_labelled
 from mtss_train.errors import DataError, MtssError, cli_main
 from mtss_train.eval import features as feats
+from mtss_train.eval import plots
 
+# Pictures and the JSON's confusion matrix stop here: beyond, they are unreadable or huge.
+MAX_CONFUSION_CLASSES = 50
+MAX_PER_CLASS_BARS = 100
 # Penalties tried, strongest first (each fit warm-starts the next): 1e0 ... 1e-6.
 DEFAULT_L2_GRID = tuple(float(f"{10 ** (-k / 2):.3g}") for k in range(13))
 Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
@@ -165,6 +172,8 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
     final = fit(all_x, y_fit_all, len(classes), best, start=models[best], max_iter=max_iter)
     k = min(5, len(classes))
     test_logits = final.logits(test_std)
+    confusion = confusion_matrix(y_test, test_logits.argmax(axis=1), len(classes))
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
     return {
         "classes": len(classes), "fit_examples": len(fit_idx), "val_examples": len(val_idx),
         "train_examples": len(train_y), "test_examples": len(test_y),
@@ -175,7 +184,47 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
         "train_top1": topk_accuracy(final.logits(all_x), y_fit_all, 1),
         "test_top1": topk_accuracy(test_logits, y_test, 1), "test_top5": topk_accuracy(test_logits, y_test, k),
         "top5_k": k, "solver": {**final.info, "method": "L-BFGS-B (scipy.optimize.minimize), full batch"},
+        "class_labels": classes.tolist(), "test_top1_per_class": [round(float(v), 5) for v in per_class],
+        # Rows: true class, columns: predicted, in class_labels order; left out for many classes (ImageNet's
+        # would be a million numbers).
+        "confusion": confusion.tolist() if len(classes) <= MAX_CONFUSION_CLASSES else None,
     }
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [K, K] counts of (true, predicted) class pairs; labels -1 (classes the training
+    data never showed) are left out."""
+    known = labels >= 0
+    counts = np.zeros([num_classes, num_classes], np.int64)
+    np.add.at(counts, (labels[known], predicted[known]), 1)
+    return counts
+
+
+def class_names(result: dict, names: list[str] | None) -> list[str]:
+    """The names of a result's classes: folder names, else the stored label numbers."""
+    return [names[c] if names and c < len(names) else str(c) for c in result["class_labels"]]
+
+
+def write_pictures(results: list[dict], names: list[str] | None, json_path: str) -> list[str]:
+    """Beside `json_path` (`X.json`): `X.confusion.png`, the test confusion matrix of each
+    result side by side (up to MAX_CONFUSION_CLASSES classes), and `X.per_class.png`, test
+    accuracy per class with a bar per result. Returns the files written."""
+    stem = os.path.splitext(json_path)[0]
+    labels = class_names(results[0], names)
+    titles = [f"{plots.short_name(r['checkpoint'])}: top-1 {r['test_top1']:.3f}" for r in results]
+    where = f"{results[0]['test_data']['data']}, {results[0]['test_examples']:,} test images"
+    written = []
+    if all(r["confusion"] is not None for r in results):
+        figure = plots.confusion_figure([(t, np.array(r["confusion"])) for t, r in zip(titles, results)], labels,
+                                        f"Linear probe test confusion, % of each true class ({where})")
+        plots.save(figure, stem + ".confusion.png")
+        written.append(stem + ".confusion.png")
+    if len(labels) <= MAX_PER_CLASS_BARS:
+        figure = plots.per_class_figure([(t, np.array(r["test_top1_per_class"])) for t, r in zip(titles, results)],
+                                        labels, f"Linear probe test accuracy per class ({where})")
+        plots.save(figure, stem + ".per_class.png")
+        written.append(stem + ".per_class.png")
+    return written
 
 
 def run_probe(checkpoint: str, train: LabelledData, test: LabelledData, settings: feats.Settings,
@@ -226,7 +275,8 @@ def define_probe_flags() -> None:
     """Data and classifier flags shared by the probe and the comparison."""
     flags.DEFINE_string("train", None, "Labelled training data: class folders, TFRecords or idx files.", required=True)
     flags.DEFINE_string("test", None, "Labelled test data, same layout.", required=True)
-    flags.DEFINE_string("out", None, "JSON result file (without it, the probe prints the JSON).")
+    flags.DEFINE_string("out", None, "JSON result file (without it, the probe prints the JSON); the confusion "
+                        "matrix and per-class accuracy pictures go beside it (.confusion.png, .per_class.png).")
     flags.DEFINE_list("l2_grid", [f"{v:g}" for v in DEFAULT_L2_GRID], "L2 penalties to choose from.")
     flags.DEFINE_float("val_fraction", 0.2, "Share of the training data held out to choose the penalty.")
     flags.DEFINE_integer("max_iter", 1000, "L-BFGS iterations per fit, at most.")
@@ -279,6 +329,9 @@ def main(argv: list[str]) -> None:
                        **probe_args)
     print(summary(result), file=sys.stderr if values.out is None else sys.stdout)
     write_json(result, values.out)
+    if values.out:
+        for path in write_pictures([result], train.classes, values.out):
+            print(path)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ one on the same Fashion-MNIST split (3x3 pooled block3, L2 chosen on a validatio
 the training images, the test split scored once). Every trunk is probed twice: with the
 BatchNorm statistics it was trained with, and with them re-estimated on the probe's training
 images (`mtss_train.recalibrate_bn`; a multi-task trunk's statistics average over every
-task's inputs). Results: a table of both columns (mean +- std over seeds) on stdout and
-`results.json` in --out.
+task's inputs). Results: a table of both columns (mean +- std over seeds) on stdout, and in
+--out `results.json` and `results.png` (the table as bars, random init as a line).
 
 Unlabelled data. rp and ex read the 60,000 Fashion-MNIST training images (labels never read),
 enlarged to the probe's 96 px exactly as the probe enlarges them. Fashion-MNIST is grey, so
@@ -58,6 +58,7 @@ import time
 from typing import Mapping
 
 import cv2
+import numpy as np
 from absl import app, flags
 
 from mtss_train.ckpt import checkpoint_files
@@ -76,6 +77,7 @@ from mtss_train.train.config import TrainConfig
 from mtss_train.eval import compare
 from mtss_train.eval import features as feats
 from mtss_train.eval import linear_probe
+from mtss_train.eval import plots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,6 +512,21 @@ def table(summary: dict) -> str:
     return compare.aligned(rows)
 
 
+def write_chart(result: dict, path: str) -> None:
+    """The table as a bar chart at `path` (PNG): test top-1 mean +- std over seeds per
+    trained arm, plain and recalibrated BN side by side, random init as a line per column."""
+    arms = result["arms"]
+    trained = [arm for arm in arms if arm != RANDOM_ARM]
+    stat = {key: np.array([[arms[arm][column][f"test_top1_{key}"] for column in COLUMNS] for arm in trained])
+            for key in ("mean", "std")}
+    seeds = len(arms[RANDOM_ARM]["train_seconds"])
+    figure = plots.reproduce_figure(trained, COLUMNS, stat["mean"], stat["std"],
+                                    [arms[RANDOM_ARM][column]["test_top1_mean"] for column in COLUMNS],
+                                    f"Linear probe on Fashion-MNIST per pre-training arm, {seeds} seed(s); "
+                                    f"{result['budget']}")
+    plots.save(figure, path)
+
+
 def budget_line(plan: Plan) -> str:
     return (f"budget: {plan.steps} task batches per arm ({TRUNK_SIZE} trunk, learning rate "
             f"{plan.learning_rate:g}; one per step: a combination's steps are shared round-robin by its tasks, "
@@ -555,10 +572,12 @@ def main(argv: list[str]) -> None:
               **summary}
     path = os.path.join(plan.out, "results.json")
     linear_probe.write_json(result, path)
+    write_chart(result, os.path.join(plan.out, "results.png"))
     print(f"{budget_line(plan)}; commit {code_version()}")
     print(table(summary))
     print(verdicts(summary))
     print(f"results: {path}")
+    print(f"chart: {os.path.join(plan.out, 'results.png')}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 from absl import logging
@@ -28,6 +28,7 @@ from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks, write_config
 from mtss_train.data.images import ReadOptions
 from mtss_train.data.source import Source
+from mtss_train.model.trunk import vgg_preprocess
 from mtss_train.train.distribution import (devices_in_use, is_chief, is_multi_worker, is_parameter_server,
                                            make_strategy, parameter_server_cluster, signal_vote, worker_count)
 from mtss_train.errors import CheckpointError, MtssError, ctrl_c_pressed
@@ -110,6 +111,13 @@ class StopSignals:
         return max(self.agreed) if self.agreed else None
 
 
+class EvalPicture(Protocol):
+    """A picture of the trunk the chief writes to TensorBoard after every evaluation."""
+
+    def write(self, writer: tf.summary.SummaryWriter, step: int, block3: Callable[[tf.Tensor], tf.Tensor]) -> None:
+        """Writes its summaries at `step`; `block3`: RGB images in [0, 255] -> block3, inference mode."""
+
+
 class Trainer:
     """Builds everything from a TrainConfig; `train()` runs until `max_steps`.
 
@@ -117,9 +125,12 @@ class Trainer:
     restored by `prepare()`, which `train()` and `evaluate()` call when needed.
     """
 
-    def __init__(self, config: TrainConfig, cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None):
+    def __init__(self, config: TrainConfig, cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None,
+                 eval_pictures: Sequence[EvalPicture] = ()):
         """`cluster`: a parameter-server job's cluster, if the caller has read TF_CONFIG
-        already (`distribution.parameter_server_cluster`); read here otherwise."""
+        already (`distribution.parameter_server_cluster`); read here otherwise.
+        `eval_pictures`: drawn by the chief after every evaluation (the program passes the
+        evaluation layer's, e.g. `mtss_train.eval.neighbours`)."""
         config.validate()
         self.config = config
         self.tasks = build_tasks(config)
@@ -136,6 +147,8 @@ class Trainer:
         options = ReadOptions(config.image_key, config.max_image_pixels)
         self.sources = inputs.open_sources(self.tasks, config.data, options=options)
         self.eval_sources = inputs.open_sources(self.tasks, config.eval_data, eval_split=True, options=options)
+        # A parameter-server coordinator's trunk lives on the parameter servers: no pictures of it.
+        self.eval_pictures = list(eval_pictures) if self.chief and not self.remote else []
         if config.init_checkpoint:
             checkpoint_files.resolve(config.init_checkpoint)  # Fails now, not after building.
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
@@ -312,6 +325,8 @@ class Trainer:
                     if self.eval_sources and not stop.requested:
                         reporter.write_evaluation(step, self.evaluate(self.eval_sources, config.eval_batches),
                                                   ", ".join(sorted({s.path for s in self.eval_sources.values()})))
+                    for picture in [] if stop.requested else self.eval_pictures:
+                        picture.write(reporter.writer, step, self._block3)
                 ended = time.perf_counter()  # Reporting is no step's time.
             # The signal came after this step's checks; never so in a multi-worker job, whose
             # workers all stop on a check step, which saves.
@@ -344,6 +359,11 @@ class Trainer:
             else:
                 last_batches[name] = next(iterators[name])
         return {name: last_batches[name] for name in names}
+
+    @tf.function(reduce_retracing=True)
+    def _block3(self, images: tf.Tensor) -> tf.Tensor:
+        """The trunk's block3 of RGB images in [0, 255], in inference mode (for eval_pictures)."""
+        return self.model.trunk(vgg_preprocess(images), training=False)[0]
 
     def _write_summaries(self, reporter: Reporter, step: int, last_batches: dict[str, object]) -> None:
         """Scalars, every task's pictures from its most recent batch (under a parameter-server
