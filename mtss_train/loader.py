@@ -80,7 +80,11 @@ def graph_restore_fn(
 
 
 class FeatureExtractor:
-    """Callable: RGB images in [0, 255] [N, H, W, 3] -> block3 features (frozen BN)."""
+    """Callable: RGB images `[N, H, W, 3]` in [0, 255] -> block3 features `[N, h, w, C]`.
+
+    BatchNorm runs on its moving statistics (frozen). `report` is the `RestoreReport` of
+    the restore, None for random weights.
+    """
 
     def __init__(self, layer: SlimLayer, report: RestoreReport):
         self.layer = layer
@@ -92,6 +96,7 @@ class FeatureExtractor:
         return block3
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        """block3 features of `images` (any numeric dtype; VGG preprocessing is applied here)."""
         return self._features(tf.cast(images, tf.float32))
 
 
@@ -206,4 +211,5 @@ class Trunk:
         return self._digest
 
     def describe(self) -> str:
+        """The checkpoint prefix, or `random init (seed N)`, for logs and result files."""
         return f"random init (seed {self.seed})" if self.prefix is None else self.prefix

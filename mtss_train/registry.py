@@ -22,6 +22,15 @@ class Registry(Generic[T]):
         self._sites: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """A decorator that registers its argument as `name` and returns it unchanged.
+
+        Registering the same object again (e.g. on a re-import) is allowed.
+
+        Raises:
+          ValueError: `name` is already registered by another definition; the message
+            names the file and line of the first one.
+        """
+
         def decorator(item: T) -> T:
             site = _definition_site(item)
             if name in self._items and self._sites[name] != site:
@@ -44,6 +53,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._items)
 
 

@@ -56,6 +56,8 @@ class TaskConfig:
     eval_data: str | None = None
 
     def validate(self) -> None:
+        """Raises MtssError naming the first bad setting. A task's Config that adds
+        settings extends it and calls `super().validate()`."""
         if self.batch_size < 1:
             raise MtssError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.loss_weight <= 0:

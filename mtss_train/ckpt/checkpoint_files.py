@@ -133,6 +133,8 @@ def resolve(path: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
+    """A variable's shape and dtype name, as a checkpoint or a model holds it."""
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -286,6 +288,8 @@ class RestoreReport:
     excluded: list[str]
 
     def format(self, verbose: bool = False) -> str:
+        """A count line, then the missing, unused and mismatched names (the first 10 of
+        each unless `verbose`), for logs and `print`."""
         lines = [
             f"restore from {self.checkpoint}: {len(self.matched)} matched, "
             f"{len(self.missing_in_checkpoint)} missing in checkpoint, "

@@ -92,6 +92,11 @@ def diff_specs(
 
 
 def main(argv: list[str]) -> None:
+    """`ls CKPT`, `diff CKPT OTHER` or `diff CKPT --against trunk`; prints the result.
+
+    Raises:
+      MtssError: any other command line (the message is the usage).
+    """
     command, *paths = argv[1:] or [""]
     if command == "ls" and len(paths) == 1:
         print(list_checkpoint(paths[0]))
@@ -107,5 +112,6 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    """Entry point of `python -m mtss_train.ckpt` and `mtss-ckpt`: errors as one line, exit 2."""
     app.run(cli_main(main))
 

@@ -141,10 +141,16 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
     and scores the test data once.
 
     Args:
-      train_x, test_x: features float32 [N, D]; train_y, test_y: integer labels [N].
+      train_x: training features, float32 [N, D].
+      train_y: training labels, integers [N].
+      test_x: test features, float32 [M, D].
+      test_y: test labels, integers [M].
       l2_grid: penalties, tried strongest first; the sweep stops once `patience` weaker
         ones after the best scored lower (validation accuracy is unimodal in practice).
+      val_fraction: share of the training data held out to choose the penalty.
       seed: of the validation split.
+      max_iter: L-BFGS iterations per fit, at most.
+      patience: see `l2_grid`.
 
     Returns:
       JSON-able results: chosen l2, validation top-1 per l2, train/test top-1 and top-5.
