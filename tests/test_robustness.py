@@ -103,6 +103,7 @@ def test_each_bad_file_is_counted_once_named_once_and_summarised(trained, photos
     assert len(summary) == 1 and all(str(photos / name) in summary[0] for name in reasons)
 
 
+@pytest.mark.slow
 def test_resume_with_other_shapes_names_the_variables_and_the_setting(trained, tmp_path):
     run = copy_of(trained, tmp_path)
     before = sorted(os.listdir(run))
@@ -132,6 +133,7 @@ def damage(run) -> None:
     open(f"{run}/model.ckpt-9.index", "w").close()
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoints_fall_back_to_the_newest_readable(trained, tmp_path):
     run = copy_of(trained, tmp_path)
     damage(run)
@@ -212,6 +214,7 @@ def test_a_full_disk_at_start_is_one_line_and_keeps_the_checkpoints(trained, tmp
     assert not [n for n in os.listdir(run) if ".tmp" in n]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_fsync = checkpoint_files._fsync
 
@@ -409,7 +412,7 @@ def test_kill_9_at_random_moments_always_resumes_within_the_save_interval(tmp_pa
     train_dir, log_path = tmp_path / "run", tmp_path / "log.txt"
     flags = ["--max_steps", "100000", "--save_every_steps", str(save_every), "--keep_checkpoints", "3"]
     last_logged, killed_mid_save = 0, 0
-    for kill in range(10):
+    for kill in range(6):
         had_checkpoint = checkpoint_files.latest(str(train_dir)) is not None
         with open(log_path, "w") as log:
             process = start(train_dir, *flags, log=log, wrapper=SLOW_SAVES)
@@ -428,7 +431,7 @@ def test_kill_9_at_random_moments_always_resumes_within_the_save_interval(tmp_pa
         killed_mid_save += any(f".tmp{process.pid}" in name for name in os.listdir(train_dir))
         for prefix in checkpoint_files.candidates(str(train_dir)):  # Every checkpoint left reads whole.
             checkpoint_files.read_tensors(prefix)
-    assert killed_mid_save >= 3  # Of the five aimed at saves, most left a save half-written.
+    assert killed_mid_save >= 2  # Of the three aimed at saves, most left a save half-written.
     final = run_cli("mtss_train", "--train_dir", str(train_dir), *FAST, "--max_steps", str(last_logged + 1),
                     "--save_every_steps", str(save_every), timeout=240)
     assert final.returncode == 0, final.stderr[-3000:]
