@@ -92,6 +92,7 @@ def test_a_balance_that_cannot_hold_is_refused_in_one_line(tmp_path, settings, m
     ("gradnorm", ["balance/col/initial_loss", "balance/col/weight", "balance/rp/initial_loss", "balance/rp/weight"]),
     ("pcgrad", []),
 ])
+@pytest.mark.slow
 def test_each_balance_trains_is_checkpointed_outside_the_trunk_resumes_and_shows_in_tensorboard(
         tmp_path, method, learned):
     first = trainer.Trainer(config(tmp_path, method, max_steps=1, save_every_steps=1))
@@ -130,6 +131,7 @@ def test_each_balance_trains_is_checkpointed_outside_the_trunk_resumes_and_shows
         assert any(not np.array_equal(after[k], saved[k]) for k in learned if not k.endswith("initial_loss"))
 
 
+@pytest.mark.slow
 def test_measuring_gradient_cosines_leaves_the_update_unchanged(tmp_path):
     """A summary step also computes every task's trunk gradient; the step's update is the
     one of a step that does not."""
@@ -144,6 +146,7 @@ def test_measuring_gradient_cosines_leaves_the_update_unchanged(tmp_path):
     assert "balance/gradient_cosine" in tensorboard(tmp_path / "every1")[1]
 
 
+@pytest.mark.slow
 def test_gradnorm_without_trunk_weights_to_train_is_one_clear_error(tmp_path):
     with pytest.raises(MtssError, match="--balance gradnorm needs trunk conv weights that train"):
         # Only the BatchNorm of block3's last unit trains in the trunk: GradNorm has no layer to measure.

@@ -149,6 +149,7 @@ def test_tiny_run_prints_every_part_and_writes_consistent_json(tmp_path):
     assert report["memory"]["peak_rss_mib"] > 0
 
 
+@pytest.mark.slow
 def test_unknown_part_and_missing_out_directory_are_one_line_errors(tmp_path):
     assert_one_line_error(run_cli("mtss_train.benchmark", "--parts", "anchor,speed"), "--parts", "speed")
     missing = tmp_path / "no" / "bench.json"

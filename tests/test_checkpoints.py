@@ -109,6 +109,7 @@ _SAVE_FOREVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_complete_latest_checkpoint(tmp_path):
     rng = random.Random(0)
     last_step = 0

@@ -78,6 +78,7 @@ def test_the_gamut_rule_shares_309_of_zhangs_313_bins():
     assert hashlib.sha256(zhang.tobytes()).hexdigest() == ZHANG_BINS_SHA256
 
 
+@pytest.mark.slow
 def test_every_srgb_colour_falls_in_the_cell_of_a_bin_and_no_bin_is_far_from_the_gamut():
     colours = np.random.RandomState(0).randint(0, 256, [20000, 3]).astype(np.uint8)
     ab = skimage.color.rgb2lab(colours[None])[0, :, 1:]
@@ -363,6 +364,7 @@ def started(path: str | None, **settings: str) -> Colorization:
     return task
 
 
+@pytest.mark.slow
 def test_the_prior_of_a_data_directory_is_its_histogram_not_the_sample_photos(tmp_path, prior_cache):
     red = started(mostly(tmp_path / "red", RED, GREEN))
     np.testing.assert_allclose(red.prior, histogram_by_hand({RED: 36, GREEN: 9}), atol=1e-12)
@@ -377,6 +379,7 @@ def test_the_prior_of_a_data_directory_is_its_histogram_not_the_sample_photos(tm
     assert len(prior_cache) == 3
 
 
+@pytest.mark.slow
 def test_the_second_start_reads_the_cache_and_a_changed_directory_recomputes(tmp_path, prior_cache, caplog):
     caplog.set_level(logging.INFO)
     data = mostly(tmp_path / "red", RED, GREEN)

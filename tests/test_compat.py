@@ -26,6 +26,7 @@ def relied_on(api: str) -> Iterator[None]:
                     "adapt mtss_train/compat.py (or keep the versions pyproject.toml allows)", pytrace=False)
 
 
+@pytest.mark.slow
 def test_slim_batch_norm_builds_in_a_fresh_interpreter_after_compat():
     # A fresh process: the fix must work when compat is the first thing imported.
     code = (
@@ -53,6 +54,7 @@ def test_compat_selects_legacy_keras_for_tf1_style_tracking():
     assert callable(compat.track_tf1_style_variables)
 
 
+@pytest.mark.slow
 def test_importing_the_library_leaves_log_levels_and_warning_filters_alone():
     code = (
         "import os, warnings\n"

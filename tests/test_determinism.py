@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from mtss_train.ckpt import checkpoint_files
 from mtss_train.provenance import code_version
@@ -20,6 +21,7 @@ def train(train_dir, *extra: str) -> dict[str, np.ndarray]:
     return checkpoint_files.read_tensors(prefix)
 
 
+@pytest.mark.slow
 def test_the_same_command_twice_gives_bit_identical_checkpoints(tmp_path):
     first, second = train(tmp_path / "a"), train(tmp_path / "b")
     assert sorted(first) == sorted(second) and len(first) > 300  # Trunk, four heads, optimizer slots.

@@ -106,6 +106,7 @@ def test_the_launch_readme_points_at_the_distributed_page():
     assert os.path.exists(os.path.join(REPO, "docs", "distributed.md"))
 
 
+@pytest.mark.slow
 def test_the_tutorials_example_task_passes_its_tests():
     """examples/rotation: its pipeline, loss and entry point, and 2 steps beside rp (~30 s)."""
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", EXAMPLE],

@@ -236,6 +236,7 @@ def test_cached_features_are_reused_without_running_the_trunk(tiny_ckpt, stripe_
         feats.load_or_extract(loader.Trunk(tiny_ckpt, global_settings), data, global_settings, 20, str(tmp_path), "t")
 
 
+@pytest.mark.slow
 def test_recalibration_reads_only_the_training_images_and_has_its_own_cache_entries(tiny_ckpt, stripe_sets,
                                                                                      tmp_path, monkeypatch):
     train, test = lp.open_splits(*stripe_sets)
@@ -297,6 +298,7 @@ def test_compare_gives_random_the_size_of_the_checkpoints(tiny_ckpt):
 
 # The command lines.
 
+@pytest.mark.slow
 def test_probe_and_compare_commands(stripe_sets, tiny_ckpt, tmp_path):
     common = ["--train", stripe_sets[0], "--test", stripe_sets[1], "--image_size", "64", "--grid", "global",
               "--l2_grid", "1,0.01", "--cache_dir", str(tmp_path / "cache")]
@@ -323,6 +325,7 @@ def test_probe_and_compare_commands(stripe_sets, tiny_ckpt, tmp_path):
     assert [row.split()[2:4] for row in result.stdout.splitlines()[2:4]] == [["recal.", "64"]] * 2
 
 
+@pytest.mark.slow
 def test_bad_data_labels_and_checkpoints_are_user_errors_printed_as_one_line(stripe_sets, tmp_path):
     with pytest.raises(DataError, match="nowhere does not exist"):
         lp.open_splits(str(tmp_path / "nowhere"), stripe_sets[1])

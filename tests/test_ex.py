@@ -268,6 +268,7 @@ TWO_REPLICAS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_negatives_and_gradients_span_all_replicas():
     """Two replicas gathering embeddings match one device on the whole batch, loss and
     gradient; without gathering each replica only sees its own two images."""

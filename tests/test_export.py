@@ -45,6 +45,7 @@ def trained_tiny_checkpoint(tmp_path_factory):
     return checkpoint_files.save(str(tmp_path_factory.mktemp("run")), layer.variables_by_name(), step=4)
 
 
+@pytest.mark.slow
 def test_saved_model_matches_the_loader_in_a_process_without_mtss_train(trained_tiny_checkpoint, tmp_path):
     result = run_cli("mtss_train.export", "--checkpoint", trained_tiny_checkpoint, "--out", str(tmp_path / "model"))
     assert result.returncode == 0, result.stderr
@@ -69,6 +70,7 @@ def test_saved_model_matches_the_loader_in_a_process_without_mtss_train(trained_
     assert info["trunk_size"] == "tiny" and info["output_stride"] == 32 and info["max_deviation"] <= export.TOLERANCE
 
 
+@pytest.mark.slow
 def test_atrous_export_keeps_its_stride_and_reports_it(trained_tiny_checkpoint, tmp_path):
     info = export.export_saved_model(trained_tiny_checkpoint, str(tmp_path / "m16"), output_stride=16)
     model = tf.saved_model.load(str(tmp_path / "m16"))
@@ -88,6 +90,7 @@ def test_export_refuses_a_non_empty_directory_and_leaves_nothing_on_failure(trai
     assert sorted(os.listdir(tmp_path)) == ["taken"]
 
 
+@pytest.mark.slow
 def test_export_command_bad_checkpoint_is_one_error_line(tmp_path):
     result = run_cli("mtss_train.export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "m"))
     assert_one_line_error(result, "missing does not exist")

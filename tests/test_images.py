@@ -149,6 +149,7 @@ def test_a_link_back_up_the_tree_is_listed_once_not_forever(tmp_path):
     assert kind == "files" and len(paths) == 1 and paths[0].endswith("cat.png")
 
 
+@pytest.mark.slow
 def test_tfrecords_with_another_image_key_say_which_keys_they_have(tmp_path):
     with tf.io.TFRecordWriter(str(tmp_path / "a.tfrecord")) as writer:
         for image in (skimage.data.coffee(), skimage.data.chelsea()):

@@ -122,6 +122,7 @@ def test_tfrecords_skip_records_that_are_not_usable(tmp_path):
         f"{b} (record 1)": "no 'image/encoded' feature (the record has: image/jpeg)"}
 
 
+@pytest.mark.slow
 def test_mask_pairs_are_skipped_by_the_file_that_is_bad(tmp_path):
     pairs = [numbered_pair(k) for k in range(5)] + [numbered_pair(5, height=10), numbered_pair(6)]
     root = write_extracted(tmp_path / "out", {"a": pairs})
@@ -206,6 +207,7 @@ def test_tfrecords_read_after_tensorflows_global_seed_is_set_to_0(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_the_source_order_follows_the_seed(tmp_path, seed):
     for name, image in (("a", skimage.data.chelsea()), ("b", skimage.data.coffee()), ("c", skimage.data.astronaut())):
         write_photo(str(tmp_path / f"{name}.png"), image)
@@ -214,6 +216,7 @@ def test_the_source_order_follows_the_seed(tmp_path, seed):
     assert shapes(seed) == shapes(seed) and shapes(seed) != shapes(tf.constant(seed + 10, tf.int64))
 
 
+@pytest.mark.slow
 def test_a_pipeline_traced_with_a_tensor_seed_still_counts_its_skips(tmp_path):
     """As a parameter-server worker runs it: traced in a tf.function, seeded by a tensor."""
     write_photo(str(tmp_path / "chelsea.png"), skimage.data.chelsea())
@@ -229,6 +232,7 @@ def test_a_pipeline_traced_with_a_tensor_seed_still_counts_its_skips(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["rp", "col", "ex", "ms"])
+@pytest.mark.slow
 def test_every_task_takes_a_tensor_seed_as_parameter_server_workers_give_it(name):
     """Each worker draws its own seed tensor: the examples must follow it, from the same images."""
     cls = task_class(name)

@@ -116,6 +116,7 @@ def test_extractor_on_tiny_checkpoint_gives_block3(tmp_path, tiny_trunk, images)
     assert extractor(images.astype(np.uint8)).shape == (2, 4, 4, 128)
 
 
+@pytest.mark.slow
 def test_trunk_detects_the_size_a_checkpoint_holds_and_names_it_when_asked_for_another(tmp_path, tiny_trunk, images):
     checkpoint_files.save(str(tmp_path), tiny_trunk.variables_by_name(), step=1)
     assert loader.detect_trunk_size(str(tmp_path / "model.ckpt-1")) == "tiny"

@@ -68,6 +68,7 @@ def mean_iou(images: list, truth: list, settings: MaskSettings) -> float:
 
 
 @pytest.mark.parametrize("background, noise, least", [("texture", 0, 0.85), ("astronaut", 4, 0.65)])
+@pytest.mark.slow
 def test_synthetic_masks_match_the_moving_object_and_beat_the_per_pixel_baseline(background, noise, least):
     """Measured here (OpenCV 5.0, skimage 0.26): texture 0.96 vs baseline 0.87; astronaut
     photo with noise + JPEG 0.73 vs 0.63.
@@ -127,6 +128,7 @@ def read_output(out: str, name: str, numbers: list[int]) -> tuple[np.ndarray, np
     return np.stack(frames), np.stack(masks) == 255
 
 
+@pytest.mark.slow
 def test_sample_clip_masks_cover_the_moving_people(clip_masks):
     """IoU with a median-background-subtraction reference, pooled over the kept frames.
 
@@ -165,6 +167,7 @@ def short_videos(directory, frames: np.ndarray) -> dict[str, str]:
             "sub__b": write_video(str(directory / "sub" / "b.avi"), list(frames[10:16]))}
 
 
+@pytest.mark.slow
 def test_command_writes_the_format_skips_bad_videos_and_resumes(tmp_path):
     _, frames = video.read_video(clip.sample_clip_path(), max_frames=16)
     good = short_videos(tmp_path / "videos", frames)
@@ -196,6 +199,7 @@ def test_command_writes_the_format_skips_bad_videos_and_resumes(tmp_path):
         motion_masks.extract_directory(str(tmp_path / "videos"), out, MaskSettings(motion_px=3))
 
 
+@pytest.mark.slow
 def test_one_bad_video_or_a_missing_directory_is_one_clear_error(tmp_path):
     bad = make_bad_videos(tmp_path)["text.mp4"]
     result = run_cli("mtss_train.data.motion_masks", "--videos", bad, "--out", str(tmp_path / "out"))

@@ -69,6 +69,7 @@ def test_frames_pair_with_their_masks_and_every_epoch_covers_all(six_frames):
     assert source.skipped.count == 0 and source.path == six_frames
 
 
+@pytest.mark.slow
 def test_order_is_shuffled_per_seed(six_frames):
     source = mask_source(six_frames)
     first = ids(source, 12, seed=1)
@@ -77,6 +78,7 @@ def test_order_is_shuffled_per_seed(six_frames):
     assert first[:6] != first[6:]  # Reshuffled every epoch.
 
 
+@pytest.mark.slow
 def test_shards_split_the_pairs(six_frames):
     source = mask_source(six_frames)
     shards = [set(ids(source, 9, shard=(2, i))) for i in range(2)]
@@ -86,6 +88,7 @@ def test_shards_split_the_pairs(six_frames):
     assert many == [set(range(6))] * 2  # each reads all.
 
 
+@pytest.mark.slow
 def test_bad_and_unpaired_files_are_skipped_and_counted_once(six_frames):
     root = six_frames
     (open(os.path.join(root, "frames", "a", "000001.jpg"), "wb")).write(b"\xff\xd8 not a jpeg")
@@ -121,6 +124,7 @@ def test_missing_and_unpaired_data_fail_clearly(tmp_path):
         mask_source(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_all_corrupt_pairs_fail_at_open_time(tmp_path):
     root = write_extracted(tmp_path, {"v": [numbered_pair(0), numbered_pair(1)]})
     for n in range(2):
@@ -144,6 +148,7 @@ def write_pair_records(path, numbers: list[int]) -> None:
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
 
 
+@pytest.mark.slow
 def test_tfrecords_of_frames_and_masks_shard_by_file(tmp_path):
     write_pair_records(tmp_path / "a.tfrecord", [1, 4])
     write_pair_records(tmp_path / "b.tfrecord", [2])
@@ -158,6 +163,7 @@ def test_tfrecords_without_a_usable_pair_fail_fast(tmp_path):
         mask_source(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_truncated_tfrecord_file_of_pairs_gives_its_whole_records_and_is_counted_once(tmp_path):
     write_pair_records(tmp_path / "a.tfrecord", [1, 2, 3])
     path = tmp_path / "a.tfrecord"
@@ -212,6 +218,7 @@ def test_crop_scale_follows_the_setting():
     assert max(half) == pytest.approx(400 * 1.28**2, rel=0.01) and min(half) < max(half)  # Moves around.
 
 
+@pytest.mark.slow
 def test_pipeline_batches_and_is_deterministic_per_seed(six_frames):
     task = ms_task()
     source = mask_source(six_frames)

@@ -30,6 +30,7 @@ def rp_config(train_dir, **settings) -> TrainConfig:
     return TrainConfig(**{**defaults, **settings})
 
 
+@pytest.mark.slow
 def test_harmonization_shows_rp_the_lightness_of_colour_patches_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(TESTS)
     params = {"rp": SMALL_RP, "rotation": {"batch_size": "2"}}
@@ -70,6 +71,7 @@ def rp_loss(model, batch, training: bool) -> float:
     return float(tf.reduce_mean(per_example))
 
 
+@pytest.mark.slow
 def test_lasso_loss_feels_the_mix_direction_and_the_penalty_only_its_direction(tmp_path):
     trainer = Trainer(rp_config(tmp_path, lasso=True))
     batch = next(trainer.iterators(trainer.sources, seed=0)["rp"])
@@ -92,6 +94,7 @@ def test_lasso_loss_feels_the_mix_direction_and_the_penalty_only_its_direction(t
     assert float(lasso.top_quarter_share(tf.constant([0.1, -0.6, 0.2, 0.1]))) == pytest.approx(0.6)
 
 
+@pytest.mark.slow
 def test_the_model_reports_its_lasso_and_the_trainer_writes_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(TESTS)
     trainer = Trainer(rp_config(tmp_path, tasks=["rp", "plugin_rotation:Rotation"], lasso=True, max_steps=1,
@@ -191,6 +194,7 @@ def test_every_shipped_configuration_parses_and_trains_a_smoke_step(tmp_path, na
     assert checkpoint_files.latest(str(tmp_path)).endswith("model.ckpt-1")
 
 
+@pytest.mark.slow
 def test_an_unknown_configuration_lists_the_shipped_ones(tmp_path):
     run = run_cli("mtss_train", "--config", "paper", "--train_dir", str(tmp_path))
     assert_one_line_error(run, "--config 'paper' is not a shipped configuration", "rp_col_ex_ms")

@@ -116,6 +116,7 @@ def test_run_writes_the_picture_and_the_json_from_cached_features(stripe_sets, t
     assert nb.run(request, settings, str(tmp_path / "again.png"))["checkpoints"] == summary["checkpoints"]
 
 
+@pytest.mark.slow
 def test_bad_requests_are_one_line_errors(stripe_sets, tmp_path):
     data = open_labelled(stripe_sets[1])
     with pytest.raises(nb.MtssError, match="--out must name a .png"):
@@ -132,6 +133,7 @@ def test_bad_requests_are_one_line_errors(stripe_sets, tmp_path):
     assert_one_line_error(result, "nowhere does not exist")
 
 
+@pytest.mark.slow
 def test_command_line_on_the_bundled_photos_cut_into_crops(tmp_path):
     out = tmp_path / "sample.png"
     result = run_cli("mtss_train.eval.neighbours", "--checkpoint", "random", "--trunk_size", "tiny",

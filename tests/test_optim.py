@@ -129,6 +129,7 @@ for compute_dtype in (tf.float32, tf.bfloat16):
 """
 
 
+@pytest.mark.slow
 def test_fused_updates_match_under_mirrored_strategy_on_two_cpus():
     run = subprocess.run([sys.executable, "-c", MIRRORED, os.path.dirname(__file__)], capture_output=True,
                          text=True, timeout=600, env=cli_env())

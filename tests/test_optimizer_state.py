@@ -24,6 +24,7 @@ def config(train_dir, state: str, **settings) -> TrainConfig:
                           "batch_norm_decay": 0.9, "task_params": {"rp": TINY_RP, "col": TINY_COL}, **settings})
 
 
+@pytest.mark.slow
 def test_each_task_steps_the_trunk_with_its_own_slots_which_other_tasks_never_touch(tmp_path):
     trainer.Trainer(config(tmp_path / "shared", "shared")).train()
     trainer.Trainer(config(tmp_path / "per_task", "per_task")).train()

@@ -54,6 +54,7 @@ def test_the_sprite_shrinks_to_the_projectors_size_limit(tmp_path, monkeypatch):
     assert cv2.imread(str(tmp_path / "logdir" / "sprite.png")).shape == (18, 18, 3)
 
 
+@pytest.mark.slow
 def test_features_command_writes_the_projector_files_and_needs_an_output(tmp_path):
     images = write_folders(tmp_path / "images", 2, seed=0)
     result = run_cli("mtss_train.eval.features", "--checkpoint", "random", "--trunk_size", "tiny", "--data", images)

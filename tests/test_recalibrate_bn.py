@@ -91,6 +91,7 @@ def assert_statistics(found: dict, expected: dict[str, tuple[np.ndarray, np.ndar
         np.testing.assert_allclose(found[scope + "/moving_variance"], variance, rtol=rtol, err_msg=scope)
 
 
+@pytest.mark.slow
 def test_one_batch_of_every_image_gives_every_layer_the_statistics_of_its_input(trunk_values, image_set):
     found = rb.recalibrate(trunk_values, image_set, "tiny", batches=1, batch_size=len(image_set))
     assert (found.images, found.batches) == (32, 1)
@@ -115,6 +116,7 @@ def test_batches_pool_exactly_into_mean_of_means_and_pooled_second_moments(trunk
     np.testing.assert_allclose(found.values[FIRST_BN + "/moving_variance"], whole[1], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_a_short_last_batch_is_left_out_and_less_than_a_batch_is_an_error(trunk_values, image_set):
     found = rb.recalibrate(trunk_values, image_set[:30], "tiny", batches=10, batch_size=8)
     np.testing.assert_array_equal(found.values[FIRST_BN + "/moving_mean"],
@@ -190,6 +192,7 @@ def test_images_are_read_from_folders_records_and_idx_files_at_the_probe_size(tm
         rb.open_images(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_command_line_recalibrates_with_a_progress_line(training_checkpoint, image_set, tmp_path):
     data = write_pngs(tmp_path / "photos", image_set[:20])
     out = tmp_path / "recalibrated"
@@ -209,6 +212,7 @@ def test_command_line_recalibrates_with_a_progress_line(training_checkpoint, ima
         np.testing.assert_array_equal(stored[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(training_checkpoint, image_set, tmp_path):
     ckpt = os.path.dirname(training_checkpoint)
     photos = write_pngs(tmp_path / "photos", image_set[:3])
