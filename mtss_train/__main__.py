@@ -47,21 +47,24 @@ from mtss_train.errors import (INTERRUPTED_EXIT_CODE, MtssError, ctrl_c_wins, me
                                raise_keyboard_interrupt)
 from mtss_train.eval.neighbours import training_neighbours  # noqa: E402
 from mtss_train.train.config import build_tasks  # noqa: E402
-from mtss_train.train.config_flags import TrainConfigFlags  # noqa: E402
+from mtss_train.train.config_flags import TrainConfigFlags, heading  # noqa: E402
 from mtss_train.train.distribution import parameter_server_cluster, serve_if_server, watch_workers  # noqa: E402
 from mtss_train.train.trainer import Trainer  # noqa: E402
 
 _CONFIG = flags.DEFINE_string(
     "config", None, f"A shipped configuration (absl flagfile in mtss_train/configs): {', '.join(shipped_configs())}. "
-    "Flags given beside it override it.")
+    "Flags given beside it override it.", module_name=heading("run"))
 _SETTINGS = TrainConfigFlags()  # One flag per TrainConfig setting, --task_param and --smoke.
 _CHIEF_GONE_SECONDS = flags.DEFINE_float(
     "chief_gone_seconds", 60, "--strategy parameter_server: a worker or parameter server leaves (exit 0) once the "
-    "chief it served has not answered for this long, so the scheduler sees the job end.", lower_bound=0)
+    "chief it served has not answered for this long, so the scheduler sees the job end.", lower_bound=0,
+    module_name=heading("distribution"))
 _WORKERS_GONE_SECONDS = flags.DEFINE_float(
     "workers_gone_seconds", 300, "--strategy parameter_server: the chief gives up (exit 2, naming the workers and the "
     "last checkpoint) once none of its workers has answered for this long (10 minutes at least before the first "
-    "answer); the same command resumes.", lower_bound=1)
+    "answer); the same command resumes.", lower_bound=1, module_name=heading("distribution"))
+for _flag in (_CONFIG, _CHIEF_GONE_SECONDS, _WORKERS_GONE_SECONDS):  # Listed under their topics, and in --help.
+    flags.declare_key_flag(_flag)
 
 
 def main(argv: list[str]) -> None:

@@ -11,8 +11,8 @@ from conftest import run_cli
 from mtss_train.configs import expand_config
 from mtss_train.errors import MtssError
 from mtss_train.task import task_class
-from mtss_train.train.config import TrainConfig, setting
-from mtss_train.train.config_flags import TrainConfigFlags
+from mtss_train.train.config import SETTING_GROUPS, TrainConfig, setting
+from mtss_train.train.config_flags import TrainConfigFlags, heading
 
 
 def parse(*argv: str, config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
@@ -30,10 +30,10 @@ def smoke_params(*tasks: str) -> dict[str, dict[str, str]]:
 
 def test_a_field_added_to_the_config_is_a_flag_with_its_type_default_and_help():
     extended = dataclasses.make_dataclass("Extended", [
-        ("crop_jitter", float, setting(0.25, help="Jitter of the crops.")),
-        ("views", int, setting(2, help="Views per image.", lower_bound=1)),
-        ("palette", str, setting("lab", help="Colour space.", choices=("lab", "rgb"))),
-        ("ratios", list[float] | None, setting(None, help="Aspect ratios.")),
+        ("crop_jitter", float, setting(0.25, group="data", help="Jitter of the crops.")),
+        ("views", int, setting(2, group="data", help="Views per image.", lower_bound=1)),
+        ("palette", str, setting("lab", group="data", help="Colour space.", choices=("lab", "rgb"))),
+        ("ratios", list[float] | None, setting(None, group="data", help="Aspect ratios.")),
     ], bases=(TrainConfig,))
     flag_values = flags.FlagValues()
     TrainConfigFlags(extended, flag_values)
@@ -112,9 +112,10 @@ def test_flag_values_that_make_no_config_are_one_mtss_error(argv, message):
 
 
 @pytest.mark.parametrize("field, message", [
-    (("table", dict[str, int], setting(default_factory=dict, help="A table.")), "table has type .* no flag takes"),
+    (("table", dict[str, int], setting(default_factory=dict, group="data", help="A table.")),
+     "table has type .* no flag takes"),
     (("bare", int, dataclasses.field(default=1)), "bare has no help text"),
-    (("needed", int, setting(help="Required.")), "needed has no default"),
+    (("needed", int, setting(group="run", help="Required.")), "needed has no default"),
 ])
 def test_a_field_no_flag_can_express_is_refused_when_the_flags_are_made(field, message):
     broken = dataclasses.make_dataclass("Broken", [field], bases=(TrainConfig,), kw_only=True)
@@ -134,7 +135,48 @@ def test_validate_takes_the_choices_from_the_declaration(setting_name, value, ok
             config.validate()
 
 
+@pytest.mark.slow  # Starts the program in its own process.
 def test_the_program_lists_the_generated_flags_in_its_help():
     help_text = run_cli("mtss_train", "--help").stdout
     assert "--max_steps: Total steps over all tasks (default 200000; 200 with --smoke)." in help_text
     assert "--task_param: Task setting as task.field=value" in help_text and "--[no]smoke:" in help_text
+
+
+@pytest.mark.slow  # Starts the program in its own process.
+def test_helpfull_lists_every_setting_under_the_heading_of_its_topic():
+    listed: dict[str, list[str]] = {}  # flag -> the headings it is listed under
+    section = None
+    for line in run_cli("mtss_train", "--helpfull").stdout.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            section = line[:-1]
+        elif match := re.match(r"  --(?:\[no\])?(\w+):", line):
+            listed.setdefault(match.group(1), []).append(section)
+    topics = {f.name: f.metadata["group"] for f in dataclasses.fields(TrainConfig) if "group" in f.metadata}
+    topics.update(task_param="tasks and schedule", smoke="run", config="run", chief_gone_seconds="distribution",
+                  workers_gone_seconds="distribution")  # The flags that are no field.
+    assert {name: listed.get(name) for name in topics} == {name: [heading(g)] for name, g in topics.items()}
+    ours = {name for name, sections in listed.items() if any(s.startswith("mtss_train") for s in sections)}
+    assert ours == set(topics)  # Nothing else under our headings.
+    assert {section for name in ours for section in listed[name]} == {heading(g) for g in SETTING_GROUPS}
+    flag_values = flags.FlagValues()  # And each is a key flag of the program, so --help lists it.
+    TrainConfigFlags(TrainConfig, flag_values)
+    assert {flag.name for flag in flag_values.get_key_flags_for_module(__name__)} == set(flag_values)
+
+
+def flags_of_a_field_without_group() -> TrainConfigFlags:
+    """A field with everything `setting` records but its group."""
+    metadata = {"help": "Help but no group.", "choices": (), "lower_bound": None, "flag_default": dataclasses.MISSING}
+    unfiled = dataclasses.make_dataclass("Unfiled", [("bare", int, dataclasses.field(default=1, metadata=metadata))],
+                                         bases=(TrainConfig,), kw_only=True)
+    return TrainConfigFlags(unfiled, flags.FlagValues())
+
+
+@pytest.mark.parametrize("declare, error, message", [
+    (lambda: setting(1, help="Unfiled."), TypeError, "required keyword-only argument: 'group'"),
+    (lambda: setting(1, group="misc", help="Misfiled."), ValueError, "group 'misc' is none of"),
+    (lambda: heading("misc"), ValueError, "group 'misc' is none of"),
+    (flags_of_a_field_without_group, TypeError, "bare has no group"),
+], ids=["setting_without_group", "setting_unknown_group", "flag_unknown_group", "field_without_group"])
+def test_a_setting_without_a_known_topic_is_refused(declare, error, message):
+    with pytest.raises(error, match=message):
+        declare()

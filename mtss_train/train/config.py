@@ -25,19 +25,32 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server")
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002  absl's name for it.
+# The topics `python -m mtss_train --helpfull` lists the settings under, one heading each
+# (config_flags.heading); a setting declares its own.
+SETTING_GROUPS = ("run", "tasks and schedule", "data", "trunk and model", "optimizer", "checkpoints and logging",
+                  "evaluation", "distribution")
+
+
+def setting(default: Any = dataclasses.MISSING, *, group: str, help: str,  # noqa: A002  absl's name for it.
             default_factory: Any = dataclasses.MISSING, choices: Sequence[Any] = (),
             lower_bound: int | None = None, flag_default: Any = dataclasses.MISSING) -> Any:
     """A TrainConfig field together with how `python -m mtss_train` offers it (config_flags).
 
     Args:
       default, default_factory: as for `dataclasses.field`.
+      group: the topic in SETTING_GROUPS whose heading lists the flag in --helpfull.
       help: the flag's help text.
       choices: the only values it takes (an enum flag); validate() refuses others.
       lower_bound: the least value the flag accepts (absl refuses smaller ones at parsing).
       flag_default: the command line's default of a field TrainConfig requires.
+
+    Raises:
+      ValueError: if `group` is none of SETTING_GROUPS.
     """
-    metadata = {"help": help, "choices": tuple(choices), "lower_bound": lower_bound, "flag_default": flag_default}
+    if group not in SETTING_GROUPS:
+        raise ValueError(f"setting group {group!r} is none of {SETTING_GROUPS}")
+    metadata = {"group": group, "help": help, "choices": tuple(choices), "lower_bound": lower_bound,
+                "flag_default": flag_default}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -45,73 +58,84 @@ def setting(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002  abs
 class TrainConfig:
     """Trainer settings; task settings live in each task's Config.
 
-    Each field is declared once, with its help text: `python -m mtss_train` makes one flag
-    of it (config_flags). `task_params` is set by --task_param.
+    Each field is declared once, with its topic and help text: `python -m mtss_train` makes
+    one flag of it (config_flags), listed under its topic. `task_params` is set by --task_param.
     """
 
-    train_dir: str = setting(help="Checkpoints, flags.json and logs/ go here.", flag_default="runs/mtss")
-    tasks: list[str] = setting(help="Tasks to train: registered names or module.path:Class.", flag_default=["rp"])
+    train_dir: str = setting(group="run", help="Checkpoints, flags.json and logs/ go here.", flag_default="runs/mtss")
+    tasks: list[str] = setting(group="tasks and schedule", flag_default=["rp"],
+                               help="Tasks to train: registered names or module.path:Class.")
     task_params: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # task -> field -> text
-    data: str | None = setting(None, help="Image directory (recursive jpg/png) or TFRecords; default: bundled "
-                               "sample photos.")
-    eval_data: str | None = setting(None, help="Held-out images: evaluated after every checkpoint (eval/ summaries).")
-    eval_batches: int = setting(10, help="Batches per task and evaluation.", lower_bound=1)
-    image_key: str = setting(TFRECORD_IMAGE_KEY, help="TFRecord feature holding the encoded image.")
-    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Images with more pixels are skipped and counted (read "
-                                    "from the header, before decoding).")
-    schedule: str = setting("round_robin", help="How each step picks its task.", choices=SCHEDULES)
-    task_weights: list[float] | None = setting(None, help="Sampling weight per task (with --schedule weighted).")
-    max_steps: int = setting(200_000, help="Total steps over all tasks.")
-    trunk_size: str = setting("101", help="Trunk.", choices=trunk.TRUNK_SIZES)
-    output_stride: int | None = setting(None, help="Atrous block3 stride (default 32).", choices=(8, 16, 32))
-    harmonize: bool = setting(False, help="Harmonization (paper 3.3): rp sees L only (grey), as col does.")
-    lasso: bool = setting(False, help="Lasso (paper Fig. 1b): each head reads a learned sparse mix of block3's units.")
+    data: str | None = setting(None, group="data", help="Image directory (recursive jpg/png) or TFRecords; default: "
+                               "bundled sample photos.")
+    eval_data: str | None = setting(None, group="evaluation", help="Held-out images: evaluated after every checkpoint "
+                                    "(eval/ summaries).")
+    eval_batches: int = setting(10, group="evaluation", help="Batches per task and evaluation.", lower_bound=1)
+    image_key: str = setting(TFRECORD_IMAGE_KEY, group="data", help="TFRecord feature holding the encoded image.")
+    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, group="data", help="Images with more pixels are skipped and "
+                                    "counted (read from the header, before decoding).")
+    schedule: str = setting("round_robin", group="tasks and schedule", help="How each step picks its task.",
+                            choices=SCHEDULES)
+    task_weights: list[float] | None = setting(None, group="tasks and schedule", help="Sampling weight per task (with "
+                                               "--schedule weighted).")
+    max_steps: int = setting(200_000, group="run", help="Total steps over all tasks.")
+    trunk_size: str = setting("101", group="trunk and model", help="Trunk.", choices=trunk.TRUNK_SIZES)
+    output_stride: int | None = setting(None, group="trunk and model", help="Atrous block3 stride (default 32).",
+                                        choices=(8, 16, 32))
+    harmonize: bool = setting(False, group="trunk and model", help="Harmonization (paper 3.3): rp sees L only (grey), "
+                              "as col does.")
+    lasso: bool = setting(False, group="trunk and model", help="Lasso (paper Fig. 1b): each head reads a learned "
+                          "sparse mix of block3's units.")
     # Ours, not the paper's (README); mtss_train.model.lasso applies it.
-    lasso_l1: float = setting(0.3, help="Weight of the lasso's sparsity penalty ||alpha||_1 / ||alpha||_2 on each "
-                              "head's per-unit weights.")
-    balance: str = setting("none", help="How a step of several tasks (--schedule all) combines them on the trunk: "
-                           "the sum of their losses, learned uncertainty weights, GradNorm or PCGrad "
-                           "(mtss_train.train.balance).", choices=BALANCES)
-    balance_learning_rate: float = setting(0.025, help="Adam learning rate of the weights --balance uncertainty or "
-                                           "gradnorm learns (the GradNorm paper's).")
-    gradnorm_alpha: float = setting(1.5, help="GradNorm's asymmetry alpha: how much more gradient a task that trains "
-                                    "slowly gets (the paper's NYUv2 value).")
-    optimizer: str = setting("rmsprop", help="Optimizer.", choices=OPTIMIZERS)
-    optimizer_state: str = setting("shared", help="The optimizer's slots of the trunk: one set that every task's "
-                                   "steps update, or one set per task that only its steps update (heads have their "
-                                   "own either way; mtss_train.train.optim.PerTaskOptimizers).",
+    lasso_l1: float = setting(0.3, group="trunk and model", help="Weight of the lasso's sparsity penalty ||alpha||_1 / "
+                              "||alpha||_2 on each head's per-unit weights.")
+    balance: str = setting("none", group="tasks and schedule", help="How a step of several tasks (--schedule all) "
+                           "combines them on the trunk: the sum of their losses, learned uncertainty weights, GradNorm "
+                           "or PCGrad (mtss_train.train.balance).", choices=BALANCES)
+    balance_learning_rate: float = setting(0.025, group="tasks and schedule", help="Adam learning rate of the weights "
+                                           "--balance uncertainty or gradnorm learns (the GradNorm paper's).")
+    gradnorm_alpha: float = setting(1.5, group="tasks and schedule", help="GradNorm's asymmetry alpha: how much more "
+                                    "gradient a task that trains slowly gets (the paper's NYUv2 value).")
+    optimizer: str = setting("rmsprop", group="optimizer", help="Optimizer.", choices=OPTIMIZERS)
+    optimizer_state: str = setting("shared", group="optimizer", help="The optimizer's slots of the trunk: one set that "
+                                   "every task's steps update, or one set per task that only its steps update (heads "
+                                   "have their own either way; mtss_train.train.optim.PerTaskOptimizers).",
                                    choices=OPTIMIZER_STATES)
-    learning_rate: float = setting(1e-3, help="Peak learning rate.")
-    lr_schedule: str = setting("constant", help="Learning-rate schedule.", choices=LR_SCHEDULES)
-    warmup_steps: int = setting(0, help="Linear warm-up steps (cosine schedule).")
-    momentum: float = setting(0.9, help="Momentum (RMSProp and SGD).")
-    rmsprop_decay: float = setting(0.9, help="RMSProp decay of the squared-gradient average.")
-    rmsprop_epsilon: float = setting(1.0, help="RMSProp epsilon (1.0 as in slim's train_image_classifier).")
-    weight_decay: float = setting(1e-4, help="L2 weight decay of conv weights.")
-    batch_norm_decay: float = setting(0.997, help="BN moving-average decay.")
+    learning_rate: float = setting(1e-3, group="optimizer", help="Peak learning rate.")
+    lr_schedule: str = setting("constant", group="optimizer", help="Learning-rate schedule.", choices=LR_SCHEDULES)
+    warmup_steps: int = setting(0, group="optimizer", help="Linear warm-up steps (cosine schedule).")
+    momentum: float = setting(0.9, group="optimizer", help="Momentum (RMSProp and SGD).")
+    rmsprop_decay: float = setting(0.9, group="optimizer", help="RMSProp decay of the squared-gradient average.")
+    rmsprop_epsilon: float = setting(1.0, group="optimizer", help="RMSProp epsilon (1.0 as in slim's "
+                                     "train_image_classifier).")
+    weight_decay: float = setting(1e-4, group="optimizer", help="L2 weight decay of conv weights.")
+    batch_norm_decay: float = setting(0.997, group="trunk and model", help="BN moving-average decay.")
     # Small per-replica batches have noisy batch statistics; fine-tuning on them keeps the moving ones.
-    freeze_batch_norm: bool = setting(False, help="BatchNorm (trunk and heads) uses and keeps its moving statistics; "
-                                      "everything else trains. For fine-tuning with small per-replica batches.")
-    clip_norm: float = setting(0.0, help="Clip gradients to this global norm; 0 = off.")
-    init_checkpoint: str | None = setting(None, help="Warm start (e.g. the released model) when train_dir has no "
-                                          "checkpoint.")
+    freeze_batch_norm: bool = setting(False, group="trunk and model", help="BatchNorm (trunk and heads) uses and keeps "
+                                      "its moving statistics; everything else trains. For fine-tuning with small "
+                                      "per-replica batches.")
+    clip_norm: float = setting(0.0, group="optimizer", help="Clip gradients to this global norm; 0 = off.")
+    init_checkpoint: str | None = setting(None, group="checkpoints and logging", help="Warm start (e.g. the released "
+                                          "model) when train_dir has no checkpoint.")
     exclude_scopes: list[str] = setting(default_factory=lambda: list(trunk.NOT_IN_TRUNK),
-                                        help="Variable scopes never warm-started.")
-    trainable_scopes: list[str] = setting(default_factory=list,
+                                        group="checkpoints and logging", help="Variable scopes never warm-started.")
+    trainable_scopes: list[str] = setting(default_factory=list, group="optimizer",
                                           help="Train only variables under these scopes (default all).")
-    save_every_steps: int = setting(1000, help="Checkpoint interval.")
-    keep_checkpoints: int = setting(5, help="Checkpoints kept.")
-    summary_every_steps: int = setting(100, help="TensorBoard interval.")
-    log_every_steps: int = setting(10, help="Console progress interval.")
-    stop_check_every_steps: int = setting(10, help=(
+    save_every_steps: int = setting(1000, group="checkpoints and logging", help="Checkpoint interval.")
+    keep_checkpoints: int = setting(5, group="checkpoints and logging", help="Checkpoints kept.")
+    summary_every_steps: int = setting(100, group="checkpoints and logging", help="TensorBoard interval.")
+    log_every_steps: int = setting(10, group="checkpoints and logging", help="Console progress interval.")
+    stop_check_every_steps: int = setting(10, group="distribution", help=(
         "--strategy multi_worker: how often the workers agree on SIGTERM/SIGINT (one tiny all-reduce), so all stop "
         "at the same step, the chief saves it, and each exits 128 + the signal."))
-    seed: int = setting(0, help="Seed of data order, task schedule and augmentation.")
-    deterministic: bool = setting(False, help="The same command, seed and machine give bit-identical checkpoints: "
-                                  "TensorFlow's op determinism (README: its cost). Not with parameter_server.")
-    strategy: str = setting("default", help="tf.distribute strategy.", choices=STRATEGIES)
-    precision: str = setting("float32", help="Compute dtype (mixed precision: bfloat16 on TPU/CPU/Ampere+, float16 "
-                             "with loss scaling on GPUs); weights stay float32.", choices=PRECISIONS)
+    seed: int = setting(0, group="run", help="Seed of data order, task schedule and augmentation.")
+    deterministic: bool = setting(False, group="run", help="The same command, seed and machine give bit-identical "
+                                  "checkpoints: TensorFlow's op determinism (README: its cost). Not with "
+                                  "parameter_server.")
+    strategy: str = setting("default", group="distribution", help="tf.distribute strategy.", choices=STRATEGIES)
+    precision: str = setting("float32", group="trunk and model", help="Compute dtype (mixed precision: bfloat16 on "
+                             "TPU/CPU/Ampere+, float16 with loss scaling on GPUs); weights stay float32.",
+                             choices=PRECISIONS)
     version: int = dataclasses.field(default=CONFIG_VERSION, init=False)  # Of flags.json's layout; no setting.
 
     def validate(self) -> None:
@@ -271,5 +295,5 @@ def changed_settings(path: str, config: TrainConfig, tasks: list[Task]) -> list[
     return changed
 
 
-__all__ = ["SMOKE_SETTINGS", "TrainConfig", "TaskConfig", "build_tasks", "changed_settings", "setting",
-           "write_config"]
+__all__ = ["SETTING_GROUPS", "SMOKE_SETTINGS", "TrainConfig", "TaskConfig", "build_tasks", "changed_settings",
+           "setting", "write_config"]

@@ -1,8 +1,9 @@
 """TrainConfig as the flags of `python -m mtss_train`, declared nowhere but in TrainConfig.
 
 Each field declared with `config.setting` becomes one absl flag, typed by the field's type,
-with its default and help text, an enum of its `choices`, and its `lower_bound`; the parsed
-flags are read back into a TrainConfig. Two flags are written out here because they are no
+with its default and help text, an enum of its `choices`, and its `lower_bound`, listed by
+--helpfull under the heading of its group ("mtss_train: data", ...); the parsed flags are
+read back into a TrainConfig. Two flags are written out here because they are no
 field of their own: --task_param (task.field=value, collected into `task_params`) and
 --smoke (SMOKE_SETTINGS and each task's `smoke_settings`, where the user set nothing).
 
@@ -20,10 +21,11 @@ from absl import flags
 
 from mtss_train.errors import MtssError
 from mtss_train.task import task_class
-from mtss_train.train.config import SMOKE_SETTINGS, TrainConfig
+from mtss_train.train.config import SETTING_GROUPS, SMOKE_SETTINGS, TrainConfig
 
-# Flags defined from here belong to the program that asks for them: absl lists them under
-# its name, and in its --help.
+# absl lists flags under the module that defines them; ours are defined under the heading
+# of their topic instead and declared key flags of the program that asks for them (this
+# module disclaims them), so its --help lists them too.
 flags.disclaim_key_flags()
 
 _SCALAR_FLAGS = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -31,20 +33,35 @@ _SCALAR_FLAGS = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: fla
 _LIST_ELEMENTS = {str: "text", int: "integers", float: "numbers"}  # What a list flag's error says it takes.
 
 
+def heading(group: str) -> str:
+    """The --helpfull heading of the flags of `group` (one of config.SETTING_GROUPS): pass it
+    as `module_name` to a flag definition, and declare the flag key to the program.
+
+    Raises:
+      ValueError: if `group` is none of SETTING_GROUPS.
+    """
+    if group not in SETTING_GROUPS:
+        raise ValueError(f"setting group {group!r} is none of {SETTING_GROUPS}")
+    return f"mtss_train: {group}"
+
+
 class TrainConfigFlags:
     """Defines the flags of a TrainConfig class on construction; `config()` reads them back.
 
     Flag types follow the field types: str, int, float, bool, a list of str, int or float
     (comma-separated), or an optional one of these (default None); a field with `choices`
-    is an enum flag of them. A field in SMOKE_SETTINGS has the default None, "not given",
-    which --smoke or TrainConfig's default then fills; its help says both values.
+    is an enum flag of them. Each flag is listed under its field's group (`heading`) and is a
+    key flag of the module that constructs this. A field in SMOKE_SETTINGS has the default
+    None, "not given", which --smoke or TrainConfig's default then fills; its help says both
+    values.
     """
 
     def __init__(self, config_class: type[TrainConfig] = TrainConfig, flag_values: flags.FlagValues = flags.FLAGS):
         """Defines the flags in `flag_values`.
 
         Raises:
-          TypeError: if a field was declared without `setting` or has a type no flag takes.
+          TypeError: if a field was declared without `setting` (no help text or group) or has a
+            type no flag takes.
         """
         self._config_class = config_class
         self._flag_values = flag_values
@@ -55,10 +72,14 @@ class TrainConfigFlags:
             raise TypeError(f"SMOKE_SETTINGS names no field of {config_class.__name__}: {sorted(unknown)}")
         self._readers = {f.name: _define(f, hints[f.name], flag_values) for f in fields}
         self._task_param = flags.DEFINE_multi_string(
-            "task_param", [], "Task setting as task.field=value, e.g. rp.batch_size=32.", flag_values=flag_values)
+            "task_param", [], "Task setting as task.field=value, e.g. rp.batch_size=32.", flag_values=flag_values,
+            module_name=heading("tasks and schedule"))
         self._smoke = flags.DEFINE_bool(
             "smoke", False, f"Small CPU run: {SMOKE_SETTINGS['trunk_size']} trunk, {SMOKE_SETTINGS['max_steps']} "
-            "steps, each task's small settings (e.g. batch 8), frequent logs.", flag_values=flag_values)
+            "steps, each task's small settings (e.g. batch 8), frequent logs.", flag_values=flag_values,
+            module_name=heading("run"))
+        for name in [*self._readers, "task_param", "smoke"]:
+            flags.declare_key_flag(name, flag_values)
 
     def config(self) -> TrainConfig:
         """The configuration the parsed flags describe (not validated yet).
@@ -89,9 +110,11 @@ class TrainConfigFlags:
 def _define(field: dataclasses.Field, hint: Any, flag_values: flags.FlagValues) -> Callable[[Any], Any]:
     """Defines the flag of `field`, of type `hint`; returns what turns the flag's parsed
     value into the field's."""
-    if "help" not in field.metadata:
-        raise TypeError(f"field {field.name} has no help text: declare it with mtss_train.train.config.setting")
+    for key, what in (("help", "help text"), ("group", "group")):
+        if key not in field.metadata:
+            raise TypeError(f"field {field.name} has no {what}: declare it with mtss_train.train.config.setting")
     name, help_text, choices = field.name, field.metadata["help"], field.metadata["choices"]
+    where = {"flag_values": flag_values, "module_name": heading(field.metadata["group"])}
     default = _flag_default(field)
     if field.name in SMOKE_SETTINGS:
         help_text = (f"{help_text.rstrip('.')} (default {_field_default(field)}; "
@@ -99,16 +122,15 @@ def _define(field: dataclasses.Field, hint: Any, flag_values: flags.FlagValues) 
     kind = _without_none(hint)
     if choices:  # absl's enums are of text: --output_stride 16 is the int 16.
         by_text = {str(choice): choice for choice in choices}
-        flags.DEFINE_enum(name, None if default is None else str(default), list(by_text), help_text,
-                          flag_values=flag_values)
+        flags.DEFINE_enum(name, None if default is None else str(default), list(by_text), help_text, **where)
         return lambda text: None if text is None else by_text[text]
     if kind in _SCALAR_FLAGS:
         bound = {} if field.metadata["lower_bound"] is None else {"lower_bound": field.metadata["lower_bound"]}
-        _SCALAR_FLAGS[kind](name, default, help_text, flag_values=flag_values, **bound)
+        _SCALAR_FLAGS[kind](name, default, help_text, **where, **bound)
         return lambda value: value
     element = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
     if element in _LIST_ELEMENTS:
-        flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
+        flags.DEFINE_list(name, default, help_text, **where)
         return lambda texts: None if texts is None else _list_of(element, texts, name)
     raise TypeError(f"field {name} has type {hint}, which no flag takes; use str, int, float, bool, a list of "
                     "str, int or float, or an optional one of these")
