@@ -316,7 +316,7 @@ class TrainingNeighbours:
 
     def picture(self, block3: Callable[[tf.Tensor], tf.Tensor], step: int) -> tuple[np.ndarray, float]:
         """(RGB uint8 [H, W, 3] picture, precision@K over every image as a query) of the trunk
-        `block3` (RGB images in [0, 255] [N, S, S, 3] -> block3 [N, h, w, C], inference mode)."""
+        `block3` (RGB images `[N, S, S, 3]` in [0, 255] -> block3 `[N, h, w, C]`, inference mode)."""
         features = np.concatenate([feats.grid_pool(block3(tf.constant(self.images[i:i + 32], tf.float32)), None).numpy()
                                    for i in range(0, len(self.images), 32)])
         neighbours, sims = cosine_neighbours(features, self.queries, self.k)
