@@ -2,6 +2,7 @@
 
 import cv2
 import numpy as np
+import pytest
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.projector import projector_plugin
 from werkzeug.test import Client

@@ -185,13 +185,23 @@ def export(found: Extracted, out_dir: str, fmt: str) -> list[str]:
         "features.tfrecord": lambda f: _write_records(f, found.features, found.labels),
         "meta.json": lambda f: _save(f, lambda h: h.write(json.dumps(found.meta, indent=2).encode() + b"\n")),
     }
+    return _write_files(out_dir, {name: writers[name] for name in files}, "features")
+
+
+def _write_files(directory: str, writers: dict[str, Callable[[str], None]], what: str) -> list[str]:
+    """Writes each file of `writers` (name -> writer of a temporary path) in `directory`,
+    atomically; returns their paths.
+
+    Raises:
+      MtssError: `directory` cannot be written.
+    """
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        for name in files:
-            write_atomically(os.path.join(out_dir, name), writers[name])
+        os.makedirs(directory, exist_ok=True)
+        for name, write in writers.items():
+            write_atomically(os.path.join(directory, name), write)
     except OSError as e:
-        raise MtssError(f"cannot write features to {out_dir}: {e.strerror or e}") from None
-    return [os.path.join(out_dir, name) for name in files]
+        raise MtssError(f"cannot write {what} to {directory}: {e.strerror or e}") from None
+    return [os.path.join(directory, name) for name in writers]
 
 
 # TensorBoard's projector shows a sprite of at most this many pixels per side.
@@ -245,13 +255,7 @@ def write_projector(found: Extracted, data: LabelledData, logdir: str, thumb_siz
         "sprite.png": lambda f: _write_bytes(f, cv2.imencode(".png", sprite[:, :, ::-1])[1].tobytes()),
         "projector_config.pbtxt": lambda f: _write_text(f, text_format.MessageToString(config)),
     }
-    try:
-        os.makedirs(logdir, exist_ok=True)
-        for name in PROJECTOR_FILES:
-            write_atomically(os.path.join(logdir, name), writers[name])
-    except OSError as e:
-        raise MtssError(f"cannot write the projector files to {logdir}: {e.strerror or e}") from None
-    return [os.path.join(logdir, name) for name in PROJECTOR_FILES]
+    return _write_files(logdir, {name: writers[name] for name in PROJECTOR_FILES}, "the projector files")
 
 
 def _tsv_cell(text: str) -> str:
