@@ -85,10 +85,10 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     assert "recalibrated BN top-1" in result.stdout.splitlines()[1]
 
     # The same command in another --out gives the same figures, from bit-identical checkpoints.
-    # The runs from here on are in this process: the command line and its end are tested above.
     assert found["commit"] == code_version() and "commit " + code_version() in result.stdout
     assert all(found["arms"][arm]["trained_by"] == {"0": code_version()} for arm in reproduce.ARMS)
-    twin = reproduce_here(capfd, f"--out={tmp_path / 'twin'}", f"--fashion_mnist={fashion_mnist}", "--arms=rp")
+    twin = run_cli("mtss_train.eval.reproduce", "--tiny", f"--out={tmp_path / 'twin'}",
+                   f"--fashion_mnist={fashion_mnist}", "--arms=rp", timeout=900)
     assert twin.returncode == 0, twin.stderr[-3000:]
     twin_found = json.loads((tmp_path / "twin" / "results.json").read_text())
     for arm in (reproduce.RANDOM_ARM, "rp"):
@@ -97,6 +97,8 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
             assert ours == theirs and "checkpoint_digest" in ours, (arm, column)
 
     # A second run finds the arm trained and its features cached: nothing is trained again.
+    # The runs from here on are in this process (the command line and its end are tested
+    # above; a process that ran other tests may differ in the last bits of fresh features).
     trained = checkpoint_files.latest(plan.train_dir("rp", 0)) + ".index"
     written = os.path.getmtime(trained)
     again = reproduce_here(capfd, f"--out={out}", f"--fashion_mnist={fashion_mnist}", "--arms=rp")
