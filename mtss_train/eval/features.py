@@ -255,7 +255,7 @@ def write_projector(found: Extracted, data: LabelledData, logdir: str, thumb_siz
         "sprite.png": lambda f: _write_bytes(f, cv2.imencode(".png", sprite[:, :, ::-1])[1].tobytes()),
         "projector_config.pbtxt": lambda f: _write_text(f, text_format.MessageToString(config)),
     }
-    return _write_files(logdir, {name: writers[name] for name in PROJECTOR_FILES}, "the projector files")
+    return _write_files(logdir, writers, "the projector files")
 
 
 def _tsv_cell(text: str) -> str:

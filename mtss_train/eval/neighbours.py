@@ -319,9 +319,10 @@ class TrainingNeighbours:
         `block3` (RGB images `[N, S, S, 3]` in [0, 255] -> block3 `[N, h, w, C]`, inference mode)."""
         features = np.concatenate([feats.grid_pool(block3(tf.constant(self.images[i:i + 32], tf.float32)), None).numpy()
                                    for i in range(0, len(self.images), 32)])
-        neighbours, sims = cosine_neighbours(features, self.queries, self.k)
-        everyone = np.arange(len(self.labels))
-        precision = precision_at_k(self.labels, everyone, cosine_neighbours(features, everyone, self.k)[0])
+        everyone = np.arange(len(self.labels))  # Few (at most 128): every image is a query.
+        neighbours, sims = cosine_neighbours(features, everyone, self.k)
+        precision = precision_at_k(self.labels, everyone, neighbours)
+        neighbours, sims = neighbours[self.queries], sims[self.queries]
         block = plots.NeighbourBlock(f"step {step:,}: precision@{self.k} {precision:.3f} "
                                      f"(chance {chance_precision(self.labels):.3f})", neighbours, sims)
         frames = "same image" if isinstance(self.data, Crops) else "same label"

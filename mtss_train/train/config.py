@@ -31,6 +31,17 @@ SETTING_GROUPS = ("run", "tasks and schedule", "data", "trunk and model", "optim
                   "evaluation", "distribution")
 
 
+def check_group(group: str) -> str:
+    """`group`, if it is one of SETTING_GROUPS.
+
+    Raises:
+      ValueError: if it is none of them.
+    """
+    if group not in SETTING_GROUPS:
+        raise ValueError(f"setting group {group!r} is none of {SETTING_GROUPS}")
+    return group
+
+
 def setting(default: Any = dataclasses.MISSING, *, group: str, help: str,  # noqa: A002  absl's name for it.
             default_factory: Any = dataclasses.MISSING, choices: Sequence[Any] = (),
             lower_bound: int | None = None, flag_default: Any = dataclasses.MISSING) -> Any:
@@ -47,9 +58,7 @@ def setting(default: Any = dataclasses.MISSING, *, group: str, help: str,  # noq
     Raises:
       ValueError: if `group` is none of SETTING_GROUPS.
     """
-    if group not in SETTING_GROUPS:
-        raise ValueError(f"setting group {group!r} is none of {SETTING_GROUPS}")
-    metadata = {"group": group, "help": help, "choices": tuple(choices), "lower_bound": lower_bound,
+    metadata = {"group": check_group(group), "help": help, "choices": tuple(choices), "lower_bound": lower_bound,
                 "flag_default": flag_default}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 

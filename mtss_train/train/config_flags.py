@@ -21,7 +21,7 @@ from absl import flags
 
 from mtss_train.errors import MtssError
 from mtss_train.task import task_class
-from mtss_train.train.config import SETTING_GROUPS, SMOKE_SETTINGS, TrainConfig
+from mtss_train.train.config import SMOKE_SETTINGS, TrainConfig, check_group
 
 # absl lists flags under the module that defines them; ours are defined under the heading
 # of their topic instead and declared key flags of the program that asks for them (this
@@ -40,9 +40,7 @@ def heading(group: str) -> str:
     Raises:
       ValueError: if `group` is none of SETTING_GROUPS.
     """
-    if group not in SETTING_GROUPS:
-        raise ValueError(f"setting group {group!r} is none of {SETTING_GROUPS}")
-    return f"mtss_train: {group}"
+    return f"mtss_train: {check_group(group)}"
 
 
 class TrainConfigFlags:
