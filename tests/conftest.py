@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from mtss_train import startup  # noqa: F401  First: each test process (xdist's too) loads TensorFlow quietly.
+
 import numpy as np
 import pytest
 

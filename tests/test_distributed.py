@@ -21,7 +21,7 @@ LAUNCHER = os.path.join(os.path.dirname(__file__), "..", "launch", "local_worker
 sys.path.insert(0, os.path.dirname(LAUNCHER))
 import local_workers  # noqa: E402  From launch/, which is scripts, not a package.
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("clusters")]
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:

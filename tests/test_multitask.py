@@ -17,6 +17,7 @@ from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks, resolved
 from mtss_train.errors import MtssError
 from mtss_train.train.trainer import Trainer
+from test_settings import parse
 from test_train import summary_tags
 
 TESTS = os.path.dirname(__file__)
@@ -183,14 +184,26 @@ def test_smoke_settings_yield_to_the_users_under_either_task_key(tmp_path):
     assert glob.glob(str(tmp_path / "model.ckpt-1.index"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", shipped_configs())
-def test_every_shipped_configuration_parses_and_trains_a_smoke_step(tmp_path, name):
+def test_every_shipped_configuration_parses_and_builds_its_tasks(tmp_path, name):
+    config = parse("--config", name, "--smoke", "--max_steps", "1", "--train_dir", str(tmp_path))
+    config.validate()
+    tasks = build_tasks(config)
+    assert ",".join(config.tasks) in name.replace("_", ",") and config.trunk_size == "tiny"
+    assert [task.name for task in tasks] == config.tasks
+    assert config.harmonize == config.lasso == name.endswith("harmonized_lasso")
+
+
+@pytest.mark.slow
+def test_the_shipped_configuration_of_every_task_and_mechanism_trains_a_smoke_step(tmp_path):
+    """All four tasks with harmonization and the lasso: every task and mechanism the other
+    configurations set (the test above parses and builds each of them), as the command trains."""
+    name = "rp_col_ex_ms_harmonized_lasso"
     run = run_cli("mtss_train", "--config", name, "--smoke", "--max_steps", "1", "--train_dir", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     resolved = json.load(open(tmp_path / "flags.json"))
-    assert ",".join(resolved["tasks"]) in name.replace("_", ",") and resolved["trunk_size"] == "tiny"
-    assert resolved["harmonize"] == resolved["lasso"] == name.endswith("harmonized_lasso")
+    assert resolved["tasks"] == ["rp", "col", "ex", "ms"] and resolved["trunk_size"] == "tiny"
+    assert resolved["harmonize"] and resolved["lasso"]
     assert checkpoint_files.latest(str(tmp_path)).endswith("model.ckpt-1")
 
 
