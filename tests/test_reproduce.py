@@ -71,11 +71,11 @@ def test_tiny_reproduction_trains_every_arm_from_one_init_and_writes_the_table(t
     init = checkpoint_files.latest(str(out / "init" / "seed0"))
     assert found["arms"][reproduce.RANDOM_ARM]["plain"]["seeds"]["0"]["checkpoint"] == init
     plan = reproduce.Plan(str(out), (0,), TINY_ARMS, 4, 0.01, fashion_mnist, 300, 200, 100)
-    for arm, spec in ((arm, reproduce.ARMS[arm]) for arm in TINY_ARMS):
+    for arm in TINY_ARMS:
         train_dir = plan.train_dir(arm, 0)
         assert checkpoint_files.latest(train_dir).endswith("-4"), arm
         flags_json = json.loads(open(os.path.join(train_dir, "flags.json")).read())
-        assert flags_json["init_checkpoint"] == init and flags_json["tasks"] == list(spec.tasks)
+        assert flags_json["init_checkpoint"] == init and flags_json["tasks"] == list(reproduce.ARMS[arm].tasks)
         assert (flags_json["harmonize"], flags_json["lasso"]) == (arm.endswith("-harm-lasso"),) * 2, arm
         assert found["arms"][arm]["train_seconds"]["0"] > 0
     for column, claims in found["claims"].items():
