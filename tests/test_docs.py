@@ -109,7 +109,8 @@ def test_the_launch_readme_points_at_the_distributed_page():
 @pytest.mark.slow
 def test_the_tutorials_example_task_passes_its_tests():
     """examples/rotation: its pipeline, loss and entry point, and 2 steps beside rp (~30 s)."""
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", EXAMPLE],
+    # -n 0: one process for its 6 tests, not the project's xdist workers (each a TensorFlow start).
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", EXAMPLE],
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=cli_env())
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert re.search(r"\b6 passed\b", run.stdout), run.stdout[-2000:]
