@@ -357,10 +357,27 @@ class RecalibratedTrunk(loader.Trunk):
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def main(argv: list[str]) -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags, in `values`. Not at import: the evaluation commands' --checkpoint
+    and --data mean other things, and a process may import both."""
+    flags.DEFINE_string("checkpoint", None, "Checkpoint (prefix, file or train dir) whose trunk to recalibrate.",
+                        required=True, flag_values=values)
+    flags.DEFINE_string("data", None, "Images: class folders, TFRecords, idx files, or a directory of images.",
+                        required=True, flag_values=values)
+    flags.DEFINE_string("out", None, "New directory for the recalibrated checkpoint.", required=True,
+                        flag_values=values)
+    flags.DEFINE_integer("batches", DEFAULT_BATCHES, "Batches to estimate the statistics on, at most.",
+                         flag_values=values)
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per batch.", flag_values=values)
+    flags.DEFINE_integer("image_size", None, "Images are resized and centre-cropped to this square "
+                         "(default 224 for the 101 trunk, 96 for tiny, as the linear probe).", flag_values=values)
+    flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk; default: the one the checkpoint holds.",
+                      flag_values=values)
+
+
+def main(argv: list[str], values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise MtssError(f"unexpected arguments {' '.join(argv[1:])}; the checkpoint is --checkpoint")
-    values = flags.FLAGS
     for name in ("batches", "batch_size", "image_size"):
         if values[name].value is not None and values[name].value < 1:
             raise MtssError(f"--{name} must be positive, got {values[name].value}")
@@ -390,14 +407,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("checkpoint", None, "Checkpoint (prefix, file or train dir) whose trunk to recalibrate.",
-                        required=True)
-    flags.DEFINE_string("data", None, "Images: class folders, TFRecords, idx files, or a directory of images.",
-                        required=True)
-    flags.DEFINE_string("out", None, "New directory for the recalibrated checkpoint.", required=True)
-    flags.DEFINE_integer("batches", DEFAULT_BATCHES, "Batches to estimate the statistics on, at most.")
-    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per batch.")
-    flags.DEFINE_integer("image_size", None, "Images are resized and centre-cropped to this square "
-                         "(default 224 for the 101 trunk, 96 for tiny, as the linear probe).")
-    flags.DEFINE_enum("trunk_size", None, list(trunk.TRUNK_SIZES), "Trunk; default: the one the checkpoint holds.")
+    define_flags()
     app.run(cli_main(main))
