@@ -1,6 +1,6 @@
 """Colorization: the ab bins, soft encoding, rebalancing, decoding, the pipeline's grey
 handling, the loss by hand, the prior of the training data and its cache, the prior command,
-and short training runs."""
+and a short training run (col beside the other tasks: test_multitask)."""
 
 import glob
 import hashlib
@@ -15,8 +15,6 @@ import skimage.data
 from absl import flags
 
 from conftest import assert_one_line_error, run_cli
-from mtss_train.ckpt import checkpoint_files
-from mtss_train import loader
 from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks
 from mtss_train.errors import DataError, MtssError
@@ -26,7 +24,6 @@ from mtss_train.tasks import col_prior
 from mtss_train.tasks.col import Colorization
 from mtss_train.tasks.col_prior import load_prior
 from mtss_train.train.trainer import Trainer
-from test_train import summary_tags
 
 SMALL = {"crop": "64", "resize_side": "80", "head_width": "16", "prior": "uniform"}
 # The CLI names col by import path until mtss_train.tasks registers it by name.
@@ -521,23 +518,6 @@ def test_training_on_a_mixed_source_lowers_the_loss(tmp_path):
     # (Untrained nets score far worse in inference mode: BN statistics are still unset.)
     assert trained["loss"] < np.log(313) - 1.5, trained
     assert trained["accuracy"] > 0.15 and trained["ab_error"] < 25, trained
-
-
-@pytest.mark.slow
-def test_trains_next_to_rp_and_its_checkpoint_restores(tmp_path):
-    run = run_cli("mtss_train", "--train_dir", str(tmp_path), "--smoke", "--tasks", f"rp,{COL}", "--max_steps", "4",
-                  "--summary_every_steps", "4", "--task_param", "rp.batch_size=2", "--task_param", "col.batch_size=2",
-                  "--task_param", "col.crop=64", "--task_param", "col.resize_side=96")
-    assert run.returncode == 0, run.stderr
-    assert "col: loss" in run.stderr and "ab_error" in run.stderr
-    tags = summary_tags(tmp_path / "logs")
-    assert {"train/col/loss", "train/col/accuracy", "train/col/ab_error", "col/grey_prediction_truth"} <= tags
-    names = checkpoint_files.read_specs(str(tmp_path))
-    assert {"col_head/logits/weights", "col_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
-    extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
-    assert not extractor.report.missing_in_checkpoint
-    assert "col_head/logits/weights" in extractor.report.unused_in_checkpoint
-    assert extractor(tf.zeros([1, 64, 64, 3])).shape == (1, 2, 2, 128)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Exemplar: view augmentations, triplet mining checked by hand, negatives from all replicas,
-the tf.data pipeline, and short training runs on the bundled photos."""
+the tf.data pipeline, and a short training run on the bundled photos (ex beside the other
+tasks: test_multitask)."""
 
 import json
 import math
@@ -11,8 +12,6 @@ import numpy as np
 import pytest
 
 from conftest import cli_env
-from mtss_train.ckpt import checkpoint_files
-from mtss_train import loader
 from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig
 from mtss_train.data.images import image_source
@@ -22,7 +21,6 @@ from mtss_train.tasks import ex
 from mtss_train.tasks.ex import Exemplar
 from mtss_train.tasks.ex_augment import Augmentation
 from mtss_train.train.trainer import Trainer
-from test_train import summary_tags
 
 SMALL = {"crop_size": "32", "head_width": "16", "embedding_dim": "8"}
 NEUTRAL_COLOUR = {"pca_factor": 1.0, "sv_power": 1.0, "sv_factor": (1.0, 1.0), "sv_shift": 0.0, "hue_shift": 0.0}
@@ -361,20 +359,3 @@ def test_training_raises_retrieval_accuracy_far_above_chance(tmp_path):
     # colours, and trained ones 0.40-0.47 with 0.80-0.87 of the triplets meeting the margin.
     assert trained["retrieval_accuracy"] > max(0.3, untrained["retrieval_accuracy"] + 0.1), (untrained, trained)
     assert trained["triplets_meeting_margin"] > untrained["triplets_meeting_margin"] + 0.5, (untrained, trained)
-
-
-@pytest.mark.slow
-def test_trains_next_to_rp_and_its_checkpoint_restores(tmp_path):
-    config = TrainConfig(
-        train_dir=str(tmp_path), tasks=["rp", "ex"], trunk_size="tiny", max_steps=4, save_every_steps=4,
-        summary_every_steps=4, task_params={"rp": {"batch_size": "2"}, "ex": {"batch_size": "2", "crop_size": "64"}},
-    )
-    Trainer(config).train()
-    tags = summary_tags(tmp_path / "logs")
-    assert {"train/ex/loss", "train/ex/retrieval_accuracy", "train/ex/triplets_meeting_margin", "ex/views"} <= tags
-    names = checkpoint_files.read_specs(str(tmp_path))
-    assert {"ex_head/embed/weights", "ex_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
-    extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
-    assert not extractor.report.missing_in_checkpoint
-    assert "ex_head/fc1/weights" in extractor.report.unused_in_checkpoint
-    assert extractor(tf.zeros([1, 64, 64, 3])).shape == (1, 2, 2, 128)

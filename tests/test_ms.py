@@ -1,4 +1,5 @@
-"""Motion segmentation: the frames + masks source, augmentation, loss and metrics, training."""
+"""Motion segmentation: the frames + masks source, augmentation, loss and metrics, training
+(ms beside the other tasks: test_multitask)."""
 
 import json
 import math
@@ -13,7 +14,6 @@ from mtss_train.data.masks import TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY, MaskSou
 from mtss_train.errors import DataError, MtssError
 from mtss_train.task import make_config, task_class
 from mtss_train.tasks.ms import MotionSegmentation, downsample_mask, mask_metrics, weighted_sigmoid_loss
-from test_train import summary_tags
 
 
 def write_extracted(root, videos: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> str:
@@ -404,26 +404,6 @@ def test_ms_beats_the_all_background_predictor_on_held_out_frames(tmp_path, scen
     assert background_iou < 0.1, background_iou  # Nearly every crop shows some of its disk.
     assert trained["iou"] > background_iou + 0.4, (background_iou, trained)
     assert trained["pooled_iou"] > 0.5 and trained["pixel_accuracy"] > 0.9, trained  # Pooled: 0 for background.
-
-
-@pytest.mark.slow
-def test_rp_and_ms_train_together_and_the_trunk_restores(tmp_path, scenes):
-    from conftest import run_cli
-    from mtss_train.ckpt import checkpoint_files
-    from mtss_train import loader
-
-    run = run_cli("mtss_train", "--train_dir", str(tmp_path), "--smoke", "--tasks", "rp,ms", "--max_steps", "4",
-                  "--summary_every_steps", "2", "--task_param", "rp.batch_size=2", "--task_param", "ms.batch_size=2",
-                  "--task_param", f"ms.data={scenes['train']}", "--task_param", "ms.crop=64")
-    assert run.returncode == 0, run.stderr
-    assert "ms: loss" in run.stderr and "iou" in run.stderr
-    tags = summary_tags(tmp_path / "logs")
-    assert {"train/ms/iou", "train/ms/pooled_iou", "train/ms/pixel_accuracy", "ms/frame_predicted_target", "train/rp/loss"} <= tags
-    names = checkpoint_files.read_specs(str(tmp_path))
-    assert {"ms_head/logits/weights", "ms_head/preact/moving_mean", "rp_head/fc8/weights"} <= set(names)
-    extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
-    assert not extractor.report.missing_in_checkpoint and "ms_head/logits/weights" in extractor.report.unused_in_checkpoint
-    assert extractor(tf.zeros([1, 64, 64, 3])).shape == (1, 2, 2, 128)
 
 
 @pytest.mark.slow

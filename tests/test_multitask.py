@@ -228,8 +228,18 @@ SMALL_FOUR = {"rp": SMALL_RP, "col": {"batch_size": "8", "crop": "64", "resize_s
               "ms": {"batch_size": "8", "crop": "64"}}
 
 
+# What each task logs and keeps of its head; the trunk restores without any head.
+TASK_METRICS = {"rp": ["loss", "accuracy"], "col": ["loss", "accuracy", "ab_error"],
+                "ex": ["loss", "retrieval_accuracy", "triplets_meeting_margin"],
+                "ms": ["loss", "iou", "pooled_iou", "pixel_accuracy"]}
+TASK_PICTURES = ["rp/centre_neighbour", "col/grey_prediction_truth", "ex/views", "ms/frame_predicted_target"]
+HEAD_VARIABLES = ["rp_head/fc8/weights", "col_head/logits/weights", "col_head/preact/moving_mean",
+                  "ex_head/embed/weights", "ex_head/fc1/weights", "ex_head/preact/moving_mean",
+                  "ms_head/logits/weights", "ms_head/preact/moving_mean"]
+
+
 @pytest.mark.slow
-def test_four_tasks_on_the_default_data_each_lower_their_loss(tmp_path):
+def test_four_tasks_on_the_default_data_each_lower_their_loss_show_their_metrics_and_restore(tmp_path):
     trainer = Trainer(rp_config(tmp_path, tasks=["rp", "col", "ex", "ms"], task_params=SMALL_FOUR, max_steps=240,
                                 learning_rate=3e-3, batch_norm_decay=0.9, summary_every_steps=240))
     before = trainer.evaluate(trainer.sources, batches=4)
@@ -238,8 +248,13 @@ def test_four_tasks_on_the_default_data_each_lower_their_loss(tmp_path):
     for name in ("rp", "col", "ex", "ms"):
         assert after[name]["loss"] < before[name]["loss"], (name, before[name], after[name])
     tags = summary_tags(tmp_path / "logs")
-    assert {"rp/centre_neighbour", "col/grey_prediction_truth", "ex/views", "ms/frame_predicted_target"} <= tags
-    assert not loader.load_feature_extractor(str(tmp_path), size="tiny").report.missing_in_checkpoint
+    assert {f"train/{task}/{metric}" for task, metrics in TASK_METRICS.items() for metric in metrics} <= tags
+    assert set(TASK_PICTURES) <= tags
+    assert set(HEAD_VARIABLES) <= set(checkpoint_files.read_specs(str(tmp_path)))
+    extractor = loader.load_feature_extractor(str(tmp_path), size="tiny")
+    assert not extractor.report.missing_in_checkpoint
+    assert set(HEAD_VARIABLES) <= set(extractor.report.unused_in_checkpoint)
+    assert extractor(tf.zeros([1, 64, 64, 3])).shape == (1, 2, 2, 128)
 
 
 @pytest.mark.slow
