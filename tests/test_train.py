@@ -256,8 +256,9 @@ def test_a_terminated_run_checkpoints_its_current_step_and_resumes(tmp_path, sto
     saved = global_step(tmp_path)
     assert saved >= 3 and f"{stop_signal.name}: stopped at step {saved} after saving" in stderr
     assert f"model.ckpt-{saved}" in stdout
-    resumed = train(tmp_path, "--max_steps", str(saved + 1))
-    assert resumed.returncode == 0 and f"at step {saved}" in resumed.stderr
+    if stop_signal == signal.SIGTERM:  # Resumed once: Ctrl-C's checkpoint is saved the same way.
+        resumed = train(tmp_path, "--max_steps", str(saved + 1))
+        assert resumed.returncode == 0 and f"at step {saved}" in resumed.stderr
 
 
 @pytest.mark.slow
