@@ -17,8 +17,9 @@ from absl import flags
 from conftest import assert_one_line_error, run_cli
 from mtss_train.compat import tf
 from mtss_train.train.config import TrainConfig, build_tasks
+from mtss_train.data.images import image_source
 from mtss_train.errors import DataError, MtssError
-from mtss_train.task import make_config, task_class
+from mtss_train.task import MIN_IMAGE_SIDE, make_config, task_class
 from mtss_train.tasks import col_encoding as encoding
 from mtss_train.tasks import col_prior
 from mtss_train.tasks.col import Colorization
@@ -480,10 +481,10 @@ def test_prior_command_writes_the_histogram_of_colour_cells(tmp_path):
     prior = np.load(out)
     assert prior.shape == (313,) and np.isclose(prior.sum(), 1.0)
     # Only the colour photos count: the same as their prior alone.
-    alone = run_cli("mtss_train.tasks.col_prior", "--data", write_photos(tmp_path / "colour", COLOUR[:2], side=256),
-                    "--out", str(tmp_path / "alone.npy"))
-    assert alone.returncode == 0, alone.stderr
-    np.testing.assert_allclose(prior, np.load(tmp_path / "alone.npy"))
+    colour = image_source(write_photos(tmp_path / "colour", COLOUR[:2], side=256), MIN_IMAGE_SIDE)
+    alone, read = col_prior.estimate_counts(colour.dataset(seed=0), 2, Colorization.Config())
+    assert read == 2
+    np.testing.assert_allclose(prior, alone / alone.sum())
     grey = run_cli("mtss_train.tasks.col_prior", "--data", write_photos(tmp_path / "grey", GREY[:2]),
                    "--out", str(tmp_path / "grey.npy"))
     assert_one_line_error(grey, "no colour cell", "grey")
