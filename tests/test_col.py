@@ -25,6 +25,7 @@ from mtss_train.tasks import col_prior
 from mtss_train.tasks.col import Colorization
 from mtss_train.tasks.col_prior import load_prior
 from mtss_train.train.trainer import Trainer
+from test_settings import parse
 
 SMALL = {"crop": "64", "resize_side": "80", "head_width": "16", "prior": "uniform"}
 # The CLI names col by import path until mtss_train.tasks registers it by name.
@@ -521,8 +522,7 @@ def test_training_on_a_mixed_source_lowers_the_loss(tmp_path):
     assert trained["accuracy"] > 0.15 and trained["ab_error"] < 25, trained
 
 
-@pytest.mark.slow
 def test_grey_only_data_fails_at_start_also_when_rp_opens_the_source(tmp_path):
-    run = run_cli("mtss_train", "--train_dir", str(tmp_path / "run"), "--smoke", "--tasks", f"rp,{COL}",
-                  "--max_steps", "2", "--data", write_photos(tmp_path / "grey", GREY, side=256))
-    assert_one_line_error(run, "col: none of the first 32 images", "has colour")
+    with pytest.raises(DataError, match="col: none of the first 32 images.*has colour"):
+        Trainer(parse("--train_dir", str(tmp_path / "run"), "--smoke", "--tasks", f"rp,{COL}",
+                      "--data", write_photos(tmp_path / "grey", GREY, side=256)))

@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from mtss_train.ckpt import checkpoint_files
+from mtss_train.errors import MtssError
 from mtss_train.provenance import code_version
-from conftest import assert_one_line_error, run_cli
+from test_settings import parse
 
 STEPS = 3
 
@@ -34,6 +36,6 @@ def test_the_same_command_twice_gives_bit_identical_checkpoints(tmp_path):
     assert recorded["deterministic"] is True and recorded["commit"] == code_version()
 
 
-def test_deterministic_parameter_server_training_is_refused_in_one_line(tmp_path):
-    result = run_cli("mtss_train", "--deterministic", "--strategy=parameter_server", f"--train_dir={tmp_path}")
-    assert_one_line_error(result, "--deterministic", "parameter_server", "asynchronously")
+def test_deterministic_parameter_server_training_is_refused(tmp_path):
+    with pytest.raises(MtssError, match="--deterministic cannot hold under --strategy parameter_server.*asynchronously"):
+        parse("--deterministic", "--strategy=parameter_server", f"--train_dir={tmp_path}").validate()

@@ -14,6 +14,9 @@ from mtss_train.data.masks import TFRECORD_FRAME_KEY, TFRECORD_MASK_KEY, MaskSou
 from mtss_train.errors import DataError, MtssError
 from mtss_train.task import make_config, task_class
 from mtss_train.tasks.ms import MotionSegmentation, downsample_mask, mask_metrics, weighted_sigmoid_loss
+from mtss_train.train.config import TrainConfig
+from mtss_train.train.trainer import EVAL_SEED, Trainer
+from test_settings import parse
 
 
 def write_extracted(root, videos: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> str:
@@ -380,8 +383,6 @@ def scenes(tmp_path_factory) -> dict[str, str]:
 def test_ms_beats_the_all_background_predictor_on_held_out_frames(tmp_path, scenes):
     """A test-sized run (tiny trunk, 60 steps of 16 crops at 96 px: 6x6 logits) learns to
     segment the disks of frames it never saw. Evaluated in inference mode on fixed batches."""
-    from mtss_train.train.config import TrainConfig
-    from mtss_train.train.trainer import EVAL_SEED, Trainer
 
     ms = {"data": scenes["train"], "eval_data": scenes["held_out"], "crop": "96", "batch_size": "16",
           "head_width": "32", "min_scale": "0.7"}
@@ -415,10 +416,6 @@ def test_embedded_default_is_the_sample_clip():
     assert "sample clip" in source.path
 
 
-@pytest.mark.slow
-def test_missing_ms_data_is_one_clear_cli_error(tmp_path):
-    from conftest import assert_one_line_error, run_cli
-
-    run = run_cli("mtss_train", "--train_dir", str(tmp_path), "--smoke", "--tasks", "ms",
-                  "--task_param", "ms.data=/no/such/clips")
-    assert_one_line_error(run, "motion-mask data /no/such/clips does not exist")
+def test_missing_ms_data_is_one_clear_error_at_start(tmp_path):
+    with pytest.raises(DataError, match="motion-mask data /no/such/clips does not exist"):
+        Trainer(parse("--train_dir", str(tmp_path), "--smoke", "--tasks", "ms", "--task_param", "ms.data=/no/such/clips"))

@@ -15,10 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, cli_env, run_cli
+from conftest import cli_env, run_cli
 from mtss_train.ckpt import checkpoint_files
 from mtss_train import loader
 from mtss_train.data import sample
+from mtss_train.errors import MtssError
+from mtss_train.train.distribution import parameter_server_cluster
 from test_distributed import LAUNCHER, launch, launched, local_workers, progress_steps, saved_step, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("clusters")]
@@ -196,10 +198,11 @@ def test_a_chief_whose_workers_are_all_gone_gives_up_naming_them_and_the_same_co
     assert f"from step {saved} to {saved + 2}" in resumed.stderr
 
 
-def test_without_a_cluster_the_strategy_says_what_it_needs(tmp_path):
-    result = run_cli("mtss_train", "--strategy", "parameter_server", "--smoke", "--train_dir", str(tmp_path))
-    assert_one_line_error(result, "--strategy parameter_server needs TF_CONFIG", "TF_CONFIG is not set",
-                          "launch/local_workers.py --ps 1")
+def test_without_a_cluster_the_strategy_says_what_it_needs(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(MtssError, match=r"--strategy parameter_server needs TF_CONFIG.*TF_CONFIG is not set.*"
+                                        r"launch/local_workers.py --ps 1"):
+        parameter_server_cluster()
 
 
 def test_a_server_leaves_once_its_chief_has_stopped_answering(tmp_path):
