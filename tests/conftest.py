@@ -4,13 +4,7 @@ import os
 import subprocess
 import sys
 
-# Before TensorFlow loads, here and in every program a test starts (they inherit the
-# environment): one thread per op. xdist runs a test process per core, and splitting the
-# test-sized ops over threads that compete with the other process and with tf.data's own
-# made a 300-step rp run take 99 s instead of 61 on 2 cores.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-
-from mtss_train import startup  # noqa: F401, E402  First: each test process (xdist's too) loads TensorFlow quietly.
+from mtss_train import startup  # noqa: F401  First: each test process (xdist's too) loads TensorFlow quietly.
 
 import numpy as np
 import pytest
@@ -53,3 +47,9 @@ def tiny_trunk():
 def images() -> np.ndarray:
     """Two deterministic RGB images in [0, 255]."""
     return np.random.RandomState(0).uniform(0, 255, [2, 64, 64, 3]).astype(np.float32)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (in their order): under xdist the run ends with the last test started,
+    and a minute-long one started last leaves the other cores idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
