@@ -101,6 +101,7 @@ def test_warm_start_from_a_trunk_only_checkpoint(tmp_path):
     assert trained["global_step"] == 2 and "rp_head/fc8/weights" in trained
 
 
+@pytest.mark.slow
 def test_warm_start_that_misses_the_trunk_is_an_error(tmp_path):
     checkpoint_files.save(str(tmp_path / "other"), {"some/other/weights": np.zeros([3])}, step=1)
     with pytest.raises(MtssError, match="lacks.*resnet_v2_101/conv1/"):
@@ -122,6 +123,7 @@ def test_a_task_from_a_test_file_trains_by_import_path(tmp_path):
     assert json.load(open(tmp_path / "flags.json"))["task_configs"]["rotation"]["crop_size"] == 64
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_one_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(TESTS)
     with pytest.raises(MtssError) as raised:
