@@ -215,7 +215,6 @@ def test_command_line_recalibrates_with_a_progress_line(training_checkpoint, ima
         np.testing.assert_array_equal(stored[name], value, err_msg=name)
 
 
-@pytest.mark.slow
 def recalibrate_here(capfd, *argv: str) -> subprocess.CompletedProcess:
     """`python -m mtss_train.recalibrate_bn ARGV` run in this process, ended as the program ends."""
     values = flags.FlagValues()
@@ -230,6 +229,7 @@ def recalibrate_here(capfd, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out, err)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(training_checkpoint, image_set, tmp_path, capfd):
     ckpt = os.path.dirname(training_checkpoint)
     photos = write_pngs(tmp_path / "photos", image_set[:3])
