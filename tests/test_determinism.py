@@ -9,6 +9,7 @@ from conftest import run_cli
 from mtss_train.ckpt import checkpoint_files
 from mtss_train.errors import MtssError
 from mtss_train.provenance import code_version
+from mtss_train.train.trainer import Trainer
 from test_settings import parse
 
 STEPS = 3
@@ -36,6 +37,19 @@ def test_the_same_command_twice_gives_bit_identical_checkpoints(tmp_path):
     assert recorded["deterministic"] is True and recorded["commit"] == code_version()
 
 
+@pytest.mark.slow
+def test_another_seed_starts_from_other_weights_and_the_same_seed_from_the_same(tmp_path):
+    weights = []
+    for seed in (0, 1, 0):
+        trainer = Trainer(parse("--tasks=rp", "--smoke", f"--seed={seed}", f"--train_dir={tmp_path / str(len(weights))}"))
+        trainer.prepare()
+        weights.append({name: v.numpy() for name, v in trainer.state.variables().items()
+                        if name.endswith("/weights") and not name.startswith("optimizer/")})
+    first, other, again = weights
+    assert len(first) > 10 and all(np.array_equal(first[name], again[name]) for name in first)
+    assert [name for name in first if np.array_equal(first[name], other[name])] == []
+
+
 def test_deterministic_parameter_server_training_is_refused(tmp_path):
-    with pytest.raises(MtssError, match="--deterministic cannot hold under --strategy parameter_server.*asynchronously"):
+    with pytest.raises(MtssError, match="--deterministic cannot hold under --strategy parameter_server.*asynchron"):
         parse("--deterministic", "--strategy=parameter_server", f"--train_dir={tmp_path}").validate()
