@@ -27,12 +27,13 @@ import os
 import shutil
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from mtss_train import loader
 from mtss_train.model import trunk
 from mtss_train.compat import tf
 from mtss_train.errors import MtssError, cli_main
+from mtss_train.log_levels import quieted
 
 OUTPUT_KEY = "block3"
 INFO_FILE = os.path.join("assets.extra", "mtss_export.json")
@@ -85,13 +86,10 @@ def export_saved_model(checkpoint: str, out_dir: str, size: str | None = None,
             "tensorflow": tf.__version__}
     # data.files.write_atomically's scheme, for a directory (so not that helper: it removes a file).
     tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
-    verbosity = logging.get_verbosity()
     try:
-        # Saving logs an INFO line per signature about the captured variables' names.
-        logging.set_verbosity(logging.WARNING)
-        tf.saved_model.save(module, tmp, signatures={"serving_default": module.uint8_rgb,
-                                                     "uint8_rgb": module.uint8_rgb, "float_rgb": module.float_rgb})
-        logging.set_verbosity(verbosity)
+        with quieted("absl", "WARNING"):  # Saving logs an INFO line per signature about its variables.
+            tf.saved_model.save(module, tmp, signatures={"serving_default": module.uint8_rgb,
+                                                         "uint8_rgb": module.uint8_rgb, "float_rgb": module.float_rgb})
         info["max_deviation"] = _check(tmp, extractor)
         os.makedirs(os.path.join(tmp, os.path.dirname(INFO_FILE)), exist_ok=True)
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
@@ -102,7 +100,6 @@ def export_saved_model(checkpoint: str, out_dir: str, size: str | None = None,
     except OSError as e:
         raise MtssError(f"cannot write the SavedModel to {out_dir}: {e.strerror or e}") from None
     finally:
-        logging.set_verbosity(verbosity)
         shutil.rmtree(tmp, ignore_errors=True)
     return info
 

@@ -1,6 +1,7 @@
 """SavedModel export: loads with plain TensorFlow in a fresh process and matches the loader."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -72,7 +73,10 @@ def test_saved_model_matches_the_loader_in_a_process_without_mtss_train(trained_
 
 @pytest.mark.slow
 def test_atrous_export_keeps_its_stride_and_reports_it(trained_tiny_checkpoint, tmp_path):
+    absl_level = logging.getLogger("absl").level
     info = export.export_saved_model(trained_tiny_checkpoint, str(tmp_path / "m16"), output_stride=16)
+    # Quieted while saving, then as before: not pinned at the level it had in effect.
+    assert logging.getLogger("absl").level == absl_level
     model = tf.saved_model.load(str(tmp_path / "m16"))
     block3 = model.signatures["float_rgb"](images=tf.zeros([1, 64, 96, 3]))["block3"]
     assert block3.shape == (1, 4, 6, 128) and info["output_stride"] == 16

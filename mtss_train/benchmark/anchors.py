@@ -9,27 +9,20 @@ run gives the machine's practical peak FLOP/s.
 """
 
 import contextlib
-import logging
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
+from mtss_train.log_levels import quieted
 from mtss_train.train.config import TrainConfig
 
 
-@contextlib.contextmanager
-def quiet_tensorflow_warnings() -> Iterator[None]:
+def quiet_tensorflow_warnings() -> contextlib.AbstractContextManager:
     """Inside: TensorFlow's Python warnings are not logged. Building a TF1 graph and its
     cost analysis log deprecation notices that say nothing about the measurement."""
-    logger = logging.getLogger("tensorflow")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quieted("tensorflow", "ERROR")
 
 
 class SlimStep:

@@ -13,6 +13,7 @@ from absl import logging
 
 from mtss_train.compat import tf
 from mtss_train.errors import MtssError
+from mtss_train.log_levels import quieted
 
 # The jobs of a parameter-server cluster: the coordinator runs the trainer, the others serve.
 PS_JOBS = ("chief", "worker", "ps")
@@ -35,12 +36,8 @@ def make_strategy(name: str, cluster: tf.distribute.cluster_resolver.ClusterReso
     if name == "parameter_server":
         if cluster is None:
             raise ValueError("a parameter-server strategy needs its cluster: pass parameter_server_cluster()")
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity(logging.WARNING)  # Connecting logs the whole session config at INFO.
-        try:
+        with quieted("absl", "WARNING"):  # Connecting logs the whole session config at INFO.
             return tf.distribute.ParameterServerStrategy(cluster)
-        finally:
-            logging.set_verbosity(verbosity)
     return tf.distribute.get_strategy()
 
 
