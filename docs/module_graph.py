@@ -25,7 +25,7 @@ PACKAGE_DIRS = {"mtss_train": "mtss_train", "mtss_train.tasks": "tasks", "mtss_t
 LAYERS: list[tuple[str, list[str]]] = [
     # startup sets up a program's process (log levels); only programs import it, first.
     ("foundation", ["mtss_train", "mtss_train.compat", "mtss_train.errors", "mtss_train.registry",
-                    "mtss_train.progress", "mtss_train.provenance", "mtss_train.startup"]),
+                    "mtss_train.progress", "mtss_train.provenance", "mtss_train.startup", "mtss_train.log_levels"]),
     ("data", ["mtss_train.data", "mtss_train.data.files", "mtss_train.data.image_headers", "mtss_train.data.source",
               "mtss_train.data.in_graph", "mtss_train.data.images", "mtss_train.data.masks",
               "mtss_train.data.labelled", "mtss_train.data.sample", "mtss_train.data.video",
