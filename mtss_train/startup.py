@@ -24,6 +24,9 @@ from typing import Callable, Iterator
 
 # TensorFlow's C++ start-up INFO/WARNING lines (CPU features, oneDNN) are not actionable.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# mtss_train.compat sets this too, but TensorFlow imports the Keras it names when it loads:
+# without it, Keras 3 (and matplotlib) for nothing, 0.6 s of every start.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # FFmpeg prints its own lines (e.g. "EBML header parsing failed") for every bad video; our
 # DataError already says which file and why. OpenCV reads this when it first opens a video.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
