@@ -74,6 +74,12 @@ def test_importing_the_library_leaves_log_levels_and_warning_filters_alone():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_a_program_loads_no_keras_3():
+    """TensorFlow imports, as it loads, the Keras that TF_USE_LEGACY_KERAS names; startup sets
+    it first (this process imported startup first, in conftest) so Keras 3 never loads."""
+    assert "keras.src" not in sys.modules and "matplotlib" not in sys.modules
+
+
 def test_startup_drops_tensorflows_load_notices_but_not_a_cuinit_failure_where_a_driver_is():
     notices = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
                "I0000 00:00:1.0    2624 port.cc:153] oneDNN custom operations are on. You may see ...\n")
