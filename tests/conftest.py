@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from typing import Callable, Sequence
 
 from mtss_train import startup  # noqa: F401  First: each test process (xdist's too) loads TensorFlow quietly.
 
@@ -26,6 +27,19 @@ def run_cli(*args: str, cwd: str | None = None, timeout: float = 300, env: dict 
         timeout=timeout,
         env=env or cli_env(),
     )
+
+
+def run_here(capfd, program: Callable[[], None], argv: Sequence[str]) -> subprocess.CompletedProcess:
+    """`program()` (a command's main with `argv` parsed, wrapped in `errors.cli_main`) run in
+    this process and ended as the program ends: its exit code and what it printed."""
+    capfd.readouterr()
+    try:
+        program()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, out, err)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -19,7 +19,7 @@ from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.errors import CheckpointError, DataError, MtssError, cli_main
 from mtss_train.model.slim_layer import SlimLayer
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_here
 
 SIZE = 64
 FIRST_BN = "resnet_v2_101/block1/unit_1/bottleneck_v2/preact"  # Its input (pool1) precedes every BN.
@@ -219,14 +219,8 @@ def recalibrate_here(capfd, *argv: str) -> subprocess.CompletedProcess:
     """`python -m mtss_train.recalibrate_bn ARGV` run in this process, ended as the program ends."""
     values = flags.FlagValues()
     rb.define_flags(values)
-    capfd.readouterr()
-    try:
-        cli_main(functools.partial(rb.main, values=values))(values(["recalibrate_bn", *argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+    return run_here(capfd, lambda: cli_main(functools.partial(rb.main, values=values))(values(["recalibrate_bn", *argv])),
+                    argv)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from mtss_train.ckpt import checkpoint_files
 from mtss_train.errors import MtssError, cli_main
 from mtss_train.eval import reproduce
 from mtss_train.provenance import code_version
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_here
 from test_settings import parse
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -31,15 +31,8 @@ def fashion_mnist() -> str:
 def reproduce_here(capfd, *argv: str) -> subprocess.CompletedProcess:
     """`python -m mtss_train.eval.reproduce --tiny ARGV` run in this process and ended as the
     program ends (an untrained arm still trains in a `python -m mtss_train` of its own)."""
-    capfd.readouterr()
     with flagsaver.flagsaver():
-        try:
-            cli_main(reproduce.main)(flags.FLAGS(["reproduce", "--tiny", *argv]))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+        return run_here(capfd, lambda: cli_main(reproduce.main)(flags.FLAGS(["reproduce", "--tiny", *argv])), argv)
 
 
 # Two single tasks and all four tasks (col and ms on their own data) with harmonization and
