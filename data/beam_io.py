@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -34,18 +33,16 @@ from typing import TypeVar
 from mtss_train.compat import tf
 from mtss_train.data.files import temporary_name, walk_files
 from mtss_train.errors import DataError, MtssError
+from mtss_train.log_levels import quieted
 
 try:
     # Beam's BigQuery module warns on import, on the root logger, that an optional Google
     # client is missing; nothing here uses BigQuery, so the line would only mislead.
-    _root, _level = logging.getLogger(), logging.getLogger().level
-    _root.setLevel(logging.ERROR)
-    import apache_beam as beam  # Re-exported for the pipeline modules.
+    with quieted("", "ERROR"):
+        import apache_beam as beam  # Re-exported for the pipeline modules.
 except ImportError as e:
     raise MtssError("data preparation needs Apache Beam: pip install 'mtss-train[beam]' "
                     "(or, in a clone, pip install -e '.[beam]')") from e
-finally:
-    _root.setLevel(_level)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
