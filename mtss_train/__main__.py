@@ -36,6 +36,7 @@ if __name__ == "__main__":
 
 from mtss_train import startup  # noqa: F401, E402  First: quiets TensorFlow's start-up logs.
 
+import functools  # noqa: E402
 import shutil  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -81,8 +82,8 @@ def main(argv: list[str]) -> None:
             return
         watch_workers(cluster, _WORKERS_GONE_SECONDS.value, lambda lost, seconds: _leave(
             f"error: {workers_gone(lost, seconds, config.train_dir)}", 2))
-    neighbours = training_neighbours(config.eval_data, config.trunk_size) if config.eval_data else None
-    trainer = Trainer(config, cluster, [neighbours] if neighbours else [])
+    pictures = [functools.partial(training_neighbours, config.eval_data, config.trunk_size)] if config.eval_data else []
+    trainer = Trainer(config, cluster, pictures)
     checkpoint = trainer.train()
     if trainer.chief:
         print(describe_outputs(trainer.config.train_dir, checkpoint, trainer.summary_dir))

@@ -21,6 +21,7 @@ from mtss_train.compat import tf
 from mtss_train.errors import MtssError, message
 from mtss_train.train.config import TrainConfig
 from mtss_train.train.reporting import WeightedMeans
+from mtss_train.train import trainer as trainer_module
 from mtss_train.train.trainer import Trainer
 
 TESTS = os.path.dirname(__file__)
@@ -241,6 +242,20 @@ def test_a_terminated_run_checkpoints_its_current_step_and_resumes(tmp_path, sto
     if stop_signal == signal.SIGTERM:  # Resumed once: Ctrl-C's checkpoint is saved the same way.
         resumed = train(tmp_path, "--max_steps", str(saved + 1))
         assert resumed.returncode == 0 and f"at step {saved}" in resumed.stderr
+
+
+def test_only_the_chief_makes_the_eval_pictures(tmp_path, monkeypatch):
+    made, picture = [], object()
+
+    def make(kind):  # The makers read their images when called: the other workers never do.
+        made.append(kind)
+        return picture if kind == "shown" else None  # None: a picture it cannot draw.
+
+    config = TrainConfig(train_dir=str(tmp_path), tasks=["rp"], task_params={"rp": {"batch_size": "2"}}, trunk_size="tiny")
+    makers = [lambda: make("shown"), lambda: make("none")]
+    assert Trainer(config, eval_picture_makers=makers).eval_pictures == [picture] and made == ["shown", "none"]
+    monkeypatch.setattr(trainer_module, "is_chief", lambda strategy: False)
+    assert Trainer(config, eval_picture_makers=makers).eval_pictures == [] and made == ["shown", "none"]
 
 
 @pytest.mark.slow

@@ -126,11 +126,12 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, cluster: tf.distribute.cluster_resolver.ClusterResolver | None = None,
-                 eval_pictures: Sequence[EvalPicture] = ()):
+                 eval_picture_makers: Sequence[Callable[[], EvalPicture | None]] = ()):
         """`cluster`: a parameter-server job's cluster, if the caller has read TF_CONFIG
         already (`distribution.parameter_server_cluster`); read here otherwise.
-        `eval_pictures`: drawn by the chief after every evaluation (the program passes the
-        evaluation layer's, e.g. `mtss_train.eval.neighbours`)."""
+        `eval_picture_makers`: each makes a picture the chief draws after every evaluation,
+        or None (the program passes the evaluation layer's, e.g. `mtss_train.eval.neighbours`);
+        called by the chief only, so the other workers never read the pictures' images."""
         config.validate()
         self.config = config
         self.tasks = build_tasks(config)
@@ -148,7 +149,8 @@ class Trainer:
         self.sources = inputs.open_sources(self.tasks, config.data, options=options)
         self.eval_sources = inputs.open_sources(self.tasks, config.eval_data, eval_split=True, options=options)
         # A parameter-server coordinator's trunk lives on the parameter servers: no pictures of it.
-        self.eval_pictures = list(eval_pictures) if self.chief and not self.remote else []
+        makers = eval_picture_makers if self.chief and not self.remote else []
+        self.eval_pictures = [picture for picture in (make() for make in makers) if picture is not None]
         if config.init_checkpoint:
             checkpoint_files.resolve(config.init_checkpoint)  # Fails now, not after building.
         tf.random.set_seed(config.seed)  # The same --seed gives the same initial weights.
