@@ -8,7 +8,6 @@ trunk step (TensorFlow's cost analysis), and a large float32 matmul measured in 
 run gives the machine's practical peak FLOP/s.
 """
 
-import contextlib
 from typing import Callable
 
 import numpy as np
@@ -17,12 +16,6 @@ from mtss_train.model import trunk
 from mtss_train.compat import slim, tf
 from mtss_train.log_levels import quieted
 from mtss_train.train.config import TrainConfig
-
-
-def quiet_tensorflow_warnings() -> contextlib.AbstractContextManager:
-    """Inside: TensorFlow's Python warnings are not logged. Building a TF1 graph and its
-    cost analysis log deprecation notices that say nothing about the measurement."""
-    return quieted("tensorflow", "ERROR")
 
 
 class SlimStep:
@@ -37,7 +30,9 @@ class SlimStep:
 
     def __init__(self, images: np.ndarray, trunk_size: str, config: TrainConfig):
         self.graph = tf.Graph()
-        with self.graph.as_default(), quiet_tensorflow_warnings():
+        # Building a TF1 graph (and its cost analysis) logs deprecation notices that say
+        # nothing about the measurement.
+        with self.graph.as_default(), quieted("tensorflow", "ERROR"):
             held = tf.compat.v1.get_variable(
                 "benchmark_images", initializer=tf.constant(images, tf.float32), trainable=False,
                 collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES])
@@ -67,7 +62,7 @@ class SlimStep:
         registered per-op statistics: convolutions and their gradients, matmuls, ...)."""
         options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
         options["output"] = "none"
-        with quiet_tensorflow_warnings():
+        with quieted("tensorflow", "ERROR"):  # Deprecation notices, as in __init__.
             return float(tf.compat.v1.profiler.profile(self.graph, options=options).total_float_ops)
 
     def forward_conv_flops(self) -> float:
